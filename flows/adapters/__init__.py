@@ -1,0 +1,1 @@
+"""I/O only: each adapter translates its library's exceptions into flows.core.errors."""

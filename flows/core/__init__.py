@@ -1,0 +1,1 @@
+"""Pure logic: no pika, kubernetes or prefect imports, no environment reads, no sleeps."""

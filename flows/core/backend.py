@@ -1,0 +1,77 @@
+"""The contract both Job backends (Kubernetes and local processes) fulfil.
+
+The flow talks to a `JobBackend` only, so its wait and caveat logic cannot tell the backends apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from flows.core.job_status import JobState
+
+Propagation = Literal["Background", "Foreground"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobHandle:
+    """A created (or adopted) Job."""
+
+    name: str
+    namespace: str
+    uid: str
+    run_id: str
+    adopted: bool = False  # True when the Job already existed for this run
+    annotations: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PodFailure:
+    """Why one pod failed: its exit code, the container's reason and the end of its log."""
+
+    pod: str
+    exit_code: int | None
+    reason: str | None
+    log_tail: str
+
+
+# Called with the Job's state whenever it changes, and at least every `tick` seconds while
+# waiting (so a caller can poll the broker between events). It may raise to abort the wait.
+ProgressCallback = Callable[[JobState], None]
+
+
+class JobBackend(Protocol):
+    """Create or adopt, wait with progress, failure details, delete."""
+
+    def create_or_adopt(
+        self, *, secret: dict[str, Any], job: dict[str, Any], run_id: str
+    ) -> JobHandle:
+        """Create the Secret and the Job; adopt the Job when it exists for the same run."""
+        ...
+
+    def find_job(self, *, namespace: str, name: str, run_id: str) -> JobHandle | None:
+        """The run's Job if it exists (for a retried run that skips the fill)."""
+        ...
+
+    def wait(
+        self,
+        handle: JobHandle,
+        *,
+        timeout_s: float,
+        on_update: ProgressCallback | None = None,
+        tick_s: float = 1.0,
+    ) -> JobState:
+        """Block until the Job is decided (success or failure) or raise `JobTimeout`."""
+        ...
+
+    def failure_details(self, handle: JobHandle, *, tail_lines: int = 20) -> list[PodFailure]:
+        """One entry per failed pod."""
+        ...
+
+    def delete_run(
+        self, *, namespace: str, run_id: str, propagation: Propagation = "Background"
+    ) -> int:
+        """Delete every Job (and its pods and Secret) labelled with the run id; return how many
+        Jobs were deleted. Missing objects are not an error."""
+        ...

@@ -1,0 +1,328 @@
+"""The caveats of the work-queue pattern, as rules over observations.
+
+The Kubernetes docs' task "Coarse Parallel Processing Using a Work Queue" lists what goes wrong:
+completions fewer than the items leaves work undone; more leaves pods blocked forever; a pod that
+crashes after the work but before the ack makes the item run twice. Each rule here is a pure
+function from numbers queuejob observed (confirmed items, queue depth, Job counts, the ledger) to
+`Finding`s that carry a code, a severity, the numbers and advice a user can act on.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flows.core.errors import CaveatViolation, StaleMessages
+from flows.core.job_status import JobPhase, JobState
+from flows.core.ledger import LedgerSummary
+
+Policy = Literal["warn", "fail"]
+
+
+class Severity(enum.StrEnum):
+    """How bad a finding is. Under the `fail` policy, warnings and errors fail the run."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Code(enum.StrEnum):
+    """Finding codes (stable: users filter and alert on them)."""
+
+    STALE_MESSAGES = "stale-messages"
+    STALE_PURGED = "stale-purged"
+    COMPLETIONS_SHORT = "completions-fewer-than-items"
+    COMPLETIONS_EXCESS = "completions-more-than-items"
+    COMPLETIONS_IGNORED_FINE = "completions-set-in-fine-mode"
+    QUEUE_DRAINED_PODS_WAITING = "queue-drained-pods-waiting"
+    JOB_FAILED = "job-failed"
+    ITEMS_LEFT = "items-left-in-queue"
+    LEDGER_SHORT = "ledger-short"
+    ITEMS_FAILED = "items-failed"
+    DEAD_LETTERS = "dead-letters"
+    AT_LEAST_ONCE = "processed-more-than-once"
+    NO_WORK_PODS = "pods-found-no-work"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One caveat observed: what, how bad, the numbers behind it and what to do."""
+
+    code: Code
+    severity: Severity
+    message: str
+    advice: str
+    numbers: dict[str, int | float | str] = field(default_factory=dict)
+    stage: Literal["before", "during", "after"] = "after"
+
+    def line(self) -> str:
+        """One line for logs and failure messages."""
+        return f"[{self.severity.value}] {self.code.value}: {self.message} ({self.advice})"
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain dict for the flow's return value and artifacts."""
+        return {
+            "code": self.code.value,
+            "severity": self.severity.value,
+            "stage": self.stage,
+            "message": self.message,
+            "advice": self.advice,
+            "numbers": dict(self.numbers),
+        }
+
+
+# --- before the Job --------------------------------------------------------------------------
+
+
+def check_stale(
+    *, queue: str, ready: int, unacked: int, consumers: int, policy: Literal["fail", "purge"]
+) -> Finding | None:
+    """Messages already in the work queue before this run filled it.
+
+    With policy ``fail`` this raises `StaleMessages`; with ``purge`` it returns a finding that
+    the caller purged them (the caller does the purge).
+    """
+    if ready + unacked == 0 and consumers == 0:
+        return None
+    numbers: dict[str, int | float | str] = {
+        "ready": ready,
+        "unacked": unacked,
+        "consumers": consumers,
+    }
+    if consumers or unacked:
+        raise StaleMessages(
+            f"queue {queue!r} has {consumers} consumer(s) and {unacked} unacknowledged "
+            "message(s): another run is still working on it; wait for it to end, or use "
+            "another queue name"
+        )
+    if policy == "fail":
+        raise StaleMessages(
+            f"queue {queue!r} already holds {ready} message(s) this run did not put there; "
+            "pods would process them as if they were this run's items. Purge them "
+            "(stale_messages='purge'), or use another queue name"
+        )
+    return Finding(
+        Code.STALE_PURGED,
+        Severity.WARNING,
+        f"queue {queue!r} held {ready} stale message(s) from an earlier run; they were purged",
+        "find out which run left them: its items were never processed",
+        numbers,
+        stage="before",
+    )
+
+
+def plan_completions(
+    *, requested: int | Literal["auto"], confirmed: int, mode: Literal["coarse", "fine"]
+) -> int | None:
+    """The Job's ``completions``: the confirmed count for ``auto`` in coarse mode, unset in
+    fine mode (pods loop until the queue is drained), else the number asked for."""
+    if mode == "fine":
+        return None
+    if requested == "auto":
+        return confirmed
+    return requested
+
+
+def check_completions(
+    *,
+    queue: str,
+    requested: int | Literal["auto"],
+    confirmed: int,
+    mode: Literal["coarse", "fine"],
+    idle_timeout_s: float,
+) -> list[Finding]:
+    """Findings about ``completions`` versus the items confirmed in the queue."""
+    if mode == "fine":
+        if requested != "auto":
+            return [
+                Finding(
+                    Code.COMPLETIONS_IGNORED_FINE,
+                    Severity.INFO,
+                    f"completions={requested} is ignored in fine mode: pods loop until queue "
+                    f"{queue!r} is drained",
+                    "leave completions=auto in fine mode",
+                    {"completions": requested, "items": confirmed},
+                    stage="before",
+                )
+            ]
+        return []
+    if requested == "auto" or requested == confirmed:
+        return []
+    numbers: dict[str, int | float | str] = {"completions": requested, "items": confirmed}
+    if requested < confirmed:
+        left = confirmed - requested
+        numbers["items_left"] = left
+        return [
+            Finding(
+                Code.COMPLETIONS_SHORT,
+                Severity.ERROR,
+                f"queue {queue!r} holds {confirmed} items but completions={requested}: "
+                f"{left} item(s) will be left in the queue when the Job completes",
+                "pass completions=auto, or use fine mode",
+                numbers,
+                stage="before",
+            )
+        ]
+    idle = requested - confirmed
+    numbers["pods_without_work"] = idle
+    return [
+        Finding(
+            Code.COMPLETIONS_EXCESS,
+            Severity.WARNING,
+            f"queue {queue!r} holds {confirmed} items but completions={requested}: {idle} pod(s) "
+            f"will find no work (queuejob's worker exits after {idle_timeout_s:g} s idle; the "
+            "docs' amqp-consume would block forever)",
+            "pass completions=auto",
+            numbers,
+            stage="before",
+        )
+    ]
+
+
+# --- during the Job ----------------------------------------------------------------------------
+
+
+def check_drained(
+    *, queue: str, ready: int, unacked: int, state: JobState, idle_timeout_s: float
+) -> Finding | None:
+    """The queue is empty with nothing in flight while pods still run: they wait for work that
+    never comes (they end after the idle timeout)."""
+    if ready or unacked or state.phase.decided or state.counts.active == 0:
+        return None
+    return Finding(
+        Code.QUEUE_DRAINED_PODS_WAITING,
+        Severity.WARNING,
+        f"queue {queue!r} is drained and nothing is in flight, but {state.counts.active} pod(s) "
+        f"are still running; they exit 'no work' after {idle_timeout_s:g} s idle",
+        "size completions from the items (completions=auto) so no pod waits for work",
+        {"active": state.counts.active, "ready": ready, "unacked": unacked},
+        stage="during",
+    )
+
+
+def check_job_failed(state: JobState, *, job: str) -> Finding | None:
+    """The Job failed (back-off limit, deadline, ...)."""
+    if state.phase is not JobPhase.FAILED:
+        return None
+    advice = {
+        "BackoffLimitExceeded": "read the failed pods' logs below; fix the item or the command, "
+        "or raise backoff_limit",
+        "DeadlineExceeded": "raise active_deadline_seconds or parallelism, or split the batch",
+    }.get(state.reason or "", "read the Job's events and the failed pods' logs")
+    return Finding(
+        Code.JOB_FAILED,
+        Severity.ERROR,
+        f"Job {job!r} failed: {state.reason or 'unknown reason'}"
+        + (f" ({state.message})" if state.message else ""),
+        advice,
+        {"failed_pods": state.counts.failed, "succeeded_pods": state.counts.succeeded},
+        stage="during",
+    )
+
+
+# --- after the Job -----------------------------------------------------------------------------
+
+
+def check_after(
+    *,
+    queue: str,
+    confirmed: int,
+    state: JobState,
+    residual_ready: int,
+    residual_unacked: int,
+    dead_letters: int,
+    summary: LedgerSummary,
+    delivery_limit: int | None,
+) -> list[Finding]:
+    """Findings once the Job has ended: items left, ledger gaps, failures, dead letters."""
+    out: list[Finding] = []
+    left = residual_ready + residual_unacked
+    if left:
+        why = "completed" if state.phase is JobPhase.SUCCEEDED else "ended"
+        out.append(
+            Finding(
+                Code.ITEMS_LEFT,
+                Severity.ERROR,
+                f"the Job {why} but queue {queue!r} still holds {left} item(s) "
+                f"({residual_ready} ready, {residual_unacked} unacknowledged)",
+                "they were never processed: run again with completions=auto, or use fine mode",
+                {"ready": residual_ready, "unacked": residual_unacked},
+            )
+        )
+    if dead_letters:
+        limit = f" after {delivery_limit} deliveries" if delivery_limit else ""
+        out.append(
+            Finding(
+                Code.DEAD_LETTERS,
+                Severity.ERROR,
+                f"{dead_letters} item(s) were dead-lettered{limit} into {queue + '.dead'!r}",
+                "inspect them there, fix the cause and re-queue them; the pods' stderr tails are "
+                "in the ledger",
+                {"dead_lettered": dead_letters},
+            )
+        )
+    if summary.failed:
+        out.append(
+            Finding(
+                Code.ITEMS_FAILED,
+                Severity.ERROR,
+                f"{summary.failed} item(s) failed on their last attempt",
+                "see the ledger's error tails for each",
+                {"failed": summary.failed},
+            )
+        )
+    reported = summary.succeeded + summary.failed + summary.dead_lettered
+    missing = confirmed - reported - left
+    if missing > 0:
+        out.append(
+            Finding(
+                Code.LEDGER_SHORT,
+                Severity.WARNING,
+                f"{missing} of {confirmed} item(s) have no outcome record and are not in the queue",
+                "a pod may have died after taking an item but before reporting; check the pods' "
+                "logs, and make sure the worker publishes outcome records",
+                {"items": confirmed, "reported": reported, "missing": missing},
+            )
+        )
+    if summary.processed_more_than_once:
+        out.append(
+            Finding(
+                Code.AT_LEAST_ONCE,
+                Severity.WARNING,
+                f"{summary.processed_more_than_once} item(s) were processed successfully more "
+                "than once: a pod ended after doing the work but before its ack reached the broker",
+                "delivery is at-least-once: make the work idempotent (write results under the "
+                "item id, or check before doing)",
+                {"processed_more_than_once": summary.processed_more_than_once},
+            )
+        )
+    if summary.no_work_pods:
+        out.append(
+            Finding(
+                Code.NO_WORK_PODS,
+                Severity.INFO,
+                f"{summary.no_work_pods} pod(s) found no work and exited after the idle timeout",
+                "expected in fine mode and after retries; in coarse mode prefer completions=auto",
+                {"no_work_pods": summary.no_work_pods},
+            )
+        )
+    return out
+
+
+def failing(findings: Iterable[Finding]) -> list[Finding]:
+    """The findings that fail a run under the `fail` policy (warnings and errors)."""
+    return [f for f in findings if f.severity is not Severity.INFO]
+
+
+def enforce(findings: Sequence[Finding], policy: Policy) -> None:
+    """Raise `CaveatViolation` listing the findings when the policy is `fail`."""
+    bad = failing(findings)
+    if policy == "fail" and bad:
+        lines = "\n".join(f"  - {f.line()}" for f in bad)
+        raise CaveatViolation(
+            f"{len(bad)} caveat finding(s) with policy 'fail':\n{lines}\n"
+            "Fix them, or run with caveat_policy='warn' to report without failing."
+        )
