@@ -274,8 +274,10 @@ def check_after(
                 {"failed": summary.failed},
             )
         )
+    # An item whose last attempt failed went back to the queue: if it is still there it is
+    # counted in `left` too, so count failed items only beyond what the queue holds.
     reported = summary.succeeded + summary.failed + summary.dead_lettered
-    missing = confirmed - reported - left
+    missing = confirmed - summary.succeeded - summary.dead_lettered - max(left, summary.failed)
     if missing > 0:
         out.append(
             Finding(

@@ -60,6 +60,14 @@ class QueueConflict(PermanentError):
     """A queue exists with arguments different from the ones asked for."""
 
 
+class QueueNotFound(PermanentError):
+    """A queue the operation needs does not exist (not declared yet, or already cleaned up)."""
+
+
+class FillInProgress(RetryableError):
+    """Another fill of the same work queue is still running; retry once it has finished."""
+
+
 class PublishError(RetryableError):
     """A publish was nacked or returned unroutable; the fill must be repeated."""
 

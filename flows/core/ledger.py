@@ -144,6 +144,8 @@ class Ledger:
         entry = self.items.get(record.item_id)
         if entry is None:
             entry = self.items[record.item_id] = ItemOutcome(record.item_id, record.index)
+        elif entry.index is None:
+            entry.index = record.index
         entry.attempts += 1
         if record.status == SUCCEEDED:
             entry.successes += 1

@@ -30,7 +30,8 @@ _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # registry[:port]/path[:tag][@digest]; lower-case path components as the distribution spec says.
 _IMAGE_REF = re.compile(
     r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
-    r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+    r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$",
+    re.ASCII,  # a tag is ASCII: without this, \w would accept any Unicode letter
 )
 RUN_SUFFIX_LEN = 12
 MAX_NAME = 63
@@ -38,7 +39,8 @@ MAX_NAME = 63
 
 def is_dns1123_label(value: str) -> bool:
     """True when value is a valid DNS-1123 label (namespaces, Job names)."""
-    return len(value) <= MAX_NAME and bool(_DNS1123_LABEL.match(value))
+    # fullmatch, not match: '$' alone would accept a trailing newline.
+    return len(value) <= MAX_NAME and bool(_DNS1123_LABEL.fullmatch(value))
 
 
 def check_dns1123_label(value: str, what: str) -> str:
@@ -53,7 +55,7 @@ def check_dns1123_label(value: str, what: str) -> str:
 
 def check_image(value: str) -> str:
     """Return value, or raise `InvalidInput` when it is not an image reference."""
-    if not value or not _IMAGE_REF.match(value) or len(value) > 512:
+    if not value or not _IMAGE_REF.fullmatch(value) or len(value) > 512:
         raise InvalidInput(
             f"image {value!r} is not a valid image reference: expected "
             "[registry/]repository[:tag][@sha256:digest] with a lower-case repository"
@@ -88,7 +90,7 @@ def secret_name(job: str) -> str:
 
 def run_labels(run_id: str) -> dict[str, str]:
     """The labels every object of the run carries."""
-    value = run_id if _LABEL_VALUE.match(run_id) and len(run_id) <= 63 else run_suffix(run_id)
+    value = run_id if _LABEL_VALUE.fullmatch(run_id) and len(run_id) <= 63 else run_suffix(run_id)
     return {APP_LABEL: APP_NAME, MANAGED_BY_LABEL: APP_NAME, RUN_ID_LABEL: value}
 
 
@@ -166,10 +168,10 @@ class JobSpec(BaseModel):
     @field_validator("namespace", "name_prefix")
     @classmethod
     def _dns(cls, value: str) -> str:
-        if not _DNS1123_FRAGMENT.match(value):
+        if len(value) > MAX_NAME or not _DNS1123_FRAGMENT.fullmatch(value):
             raise ValueError(
-                f"{value!r} is not a valid DNS-1123 label: lower-case letters, digits and '-', "
-                "starting and ending with a letter or digit"
+                f"{value!r} is not a valid DNS-1123 label: at most 63 lower-case letters, digits "
+                "and '-', starting and ending with a letter or digit"
             )
         return value
 
@@ -185,7 +187,7 @@ class JobSpec(BaseModel):
     def _command_or_call(self) -> JobSpec:
         if bool(self.command) == bool(self.call):
             raise ValueError("give exactly one of 'command' (a program run per item) and 'call'")
-        if self.call is not None and not re.match(r"^[\w.]+:[\w.]+$", self.call):
+        if self.call is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.call):
             raise ValueError(f"call {self.call!r} must look like 'package.module:function'")
         return self
 

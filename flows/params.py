@@ -1,0 +1,154 @@
+"""The flow's parameters: what the Prefect UI shows as the run form.
+
+Every field has a description and bounds, so a bad value is rejected before the run starts
+(and, with `enforce_parameter_schema`, by the server when a run is created from the UI).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from flows.core.items import ItemSource
+from flows.core.manifest import JobSpec
+
+QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+
+
+class QueueParams(BaseModel):
+    """The work queue in RabbitMQ."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(
+        default="job1",
+        pattern=QUEUE_NAME_PATTERN,
+        description="Work queue name (letters, digits, '_', '.', ':', '-'; at most 200 "
+        "characters). '<name>.dead', '<name>.results' and '<name>.fill' are created beside it.",
+    )
+    type: Literal["quorum", "classic"] = Field(
+        default="quorum",
+        description="quorum bounds poison messages with a delivery limit; classic is the "
+        "docs' default queue type.",
+    )
+    delivery_limit: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Deliveries of one item before it is dead-lettered into '<name>.dead'.",
+    )
+    stale_messages: Literal["fail", "purge"] = Field(
+        default="fail",
+        description="What to do when the queue already holds messages this run did not put "
+        "there: fail the run, or purge them first.",
+    )
+
+
+class JobParams(BaseModel):
+    """The worker Job: a template block, and per-run overrides of it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    template_block: str | None = Field(
+        default=None,
+        description="Name of a WorkQueueJobTemplate block to start from (optional).",
+    )
+    image: str | None = Field(
+        default=None, description="Container image with queuejob installed (overrides the block)."
+    )
+    command: list[str] | None = Field(
+        default=None,
+        description="Command run per item, the item's body on its stdin, e.g. "
+        "['sh', '-c', 'cat']. Overrides the block.",
+    )
+    call: str | None = Field(
+        default=None,
+        description="Instead of a command: a Python callable 'module:function' given the item.",
+    )
+    namespace: str | None = Field(default=None, description="Kubernetes namespace.")
+    parallelism: int | None = Field(
+        default=None, ge=1, le=10_000, description="Pods running at once (default 2)."
+    )
+    completions: int | Literal["auto"] = Field(
+        default="auto",
+        description="'auto' sizes the Job from the confirmed item count (coarse mode). A number "
+        "is used as given and checked against the items.",
+    )
+    backoff_limit: int | None = Field(
+        default=None, ge=0, le=10_000, description="Failed pods tolerated (default 6)."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Wall-clock limit for the Job, in seconds."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Kubernetes deletes the finished Job after this long."
+    )
+    idle_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="A worker finding the queue empty this long exits 'no work' (default 10).",
+    )
+    name_prefix: str | None = Field(
+        default=None, description="Job names are '<prefix>-<run id>' (default 'queuejob')."
+    )
+
+    @field_validator("completions")
+    @classmethod
+    def _completions(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(
+                f"completions must be at least 1 or 'auto' (got {value}); 'auto' sizes the Job "
+                "from the items"
+            )
+        return value
+
+    def overrides(self) -> dict[str, object]:
+        """The JobSpec fields this run sets (None means: keep the template's value)."""
+        fields = {
+            "image": self.image,
+            "command": tuple(self.command) if self.command is not None else None,
+            "call": self.call,
+            "namespace": self.namespace,
+            "parallelism": self.parallelism,
+            "backoff_limit": self.backoff_limit,
+            "active_deadline_seconds": self.active_deadline_seconds,
+            "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
+            "idle_timeout_seconds": self.idle_timeout_seconds,
+            "name_prefix": self.name_prefix,
+        }
+        out = {k: v for k, v in fields.items() if v is not None}
+        if self.call is not None and self.command is None:
+            out["command"] = ()
+        if self.command is not None and self.call is None:
+            out["call"] = None
+        return out
+
+
+class CleanupParams(BaseModel):
+    """What to remove when the run succeeds (a cancelled or crashed run always removes its
+    Job, pods and Secret)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    delete_job: bool = Field(
+        default=True, description="Delete the Job, its pods and its Secret after success."
+    )
+    delete_queues: bool = Field(
+        default=False,
+        description="Delete the work, dead-letter, results and fill queues after success.",
+    )
+
+
+def default_items() -> ItemSource:
+    """The Kubernetes docs' eight items."""
+    return ItemSource.inline(
+        ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
+    )
+
+
+def job_spec_from(base: dict[str, object], job: JobParams, mode: str) -> JobSpec:
+    """Merge a template's fields, the run's overrides and the mode into a validated JobSpec."""
+    merged = {**base, **job.overrides(), "mode": mode}
+    return JobSpec.model_validate(merged)
