@@ -253,7 +253,7 @@ def check_after(
             )
         )
     if dead_letters:
-        limit = f" after {delivery_limit} deliveries" if delivery_limit else ""
+        limit = f" after {delivery_limit} redeliveries" if delivery_limit else ""
         out.append(
             Finding(
                 Code.DEAD_LETTERS,

@@ -178,7 +178,13 @@ class JobSpec(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        reserved = {SECRET_KEY, "QUEUE", "QUEUEJOB_RUN_ID", "POD_NAME"} & set(value)
+        reserved = {
+            SECRET_KEY,
+            "QUEUE",
+            "QUEUEJOB_RUN_ID",
+            "POD_NAME",
+            "QUEUEJOB_DELIVERY_LIMIT",
+        } & set(value)
         if reserved:
             raise ValueError(f"env may not set {sorted(reserved)}: queuejob sets them itself")
         return value
@@ -245,6 +251,7 @@ def build_job(
     queue: str,
     completions: int | None,
     confirmed_items: int | None = None,
+    delivery_limit: int | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job for one run.
 
@@ -263,6 +270,9 @@ def build_job(
         {"name": "QUEUEJOB_RUN_ID", "value": run_id},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
+    if delivery_limit is not None:
+        # Classic queues have no broker-side limit: the worker counts redeliveries itself.
+        env.append({"name": "QUEUEJOB_DELIVERY_LIMIT", "value": str(delivery_limit)})
     env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,

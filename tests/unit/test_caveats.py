@@ -268,7 +268,10 @@ def test_items_left_after_a_failed_job_says_ended() -> None:
 
 @pytest.mark.parametrize(
     ("limit", "text"),
-    [pytest.param(5, "after 5 deliveries", id="with-limit"), pytest.param(None, "", id="no-limit")],
+    [
+        pytest.param(5, "after 5 redeliveries", id="with-limit"),
+        pytest.param(None, "", id="no-limit"),
+    ],
 )
 def test_dead_letters(limit: int | None, text: str) -> None:
     findings = after(

@@ -1,0 +1,175 @@
+"""Declaration, conflicts, depth, purge, dead-letter peeking and deletion."""
+
+from __future__ import annotations
+
+import pika
+import pytest
+
+from flows.adapters.broker import (
+    HEADER_RUN_ID,
+    BrokerConfig,
+    QueueDepth,
+    QueueSettings,
+    dead_letter_ids,
+    declare_queues,
+    delete_queues,
+    fill_queue,
+    purge_work_queue,
+    queue_depths,
+    work_queue_arguments,
+)
+from flows.core.errors import QueueConflict, QueueNotFound
+from flows.core.items import ItemSource, iter_items
+
+from .support import wait_until
+
+pytestmark = pytest.mark.broker
+
+
+def test_declare_is_idempotent_and_queues_start_empty(cfg: BrokerConfig, qs: QueueSettings) -> None:
+    declare_queues(cfg, qs)
+    declare_queues(cfg, qs)
+    depths = queue_depths(cfg, qs)
+    assert set(depths) == {"work", "results", "dead"}
+    for depth in depths.values():
+        assert (depth.ready, depth.unacked, depth.consumers, depth.source) == (0, None, 0, "amqp")
+
+
+def test_work_queue_arguments() -> None:
+    assert work_queue_arguments(QueueSettings("jobs")) == {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "jobs.dead",
+        "x-delivery-limit": 3,
+    }
+    assert "x-delivery-limit" not in work_queue_arguments(
+        QueueSettings("jobs", delivery_limit=None)
+    )
+    classic = work_queue_arguments(QueueSettings("jobs", queue_type="classic"))
+    assert classic["x-queue-type"] == "classic" and "x-delivery-limit" not in classic
+
+
+def test_classic_then_quorum_is_a_conflict_naming_both_argument_sets(
+    cfg: BrokerConfig, qs: QueueSettings
+) -> None:
+    classic = QueueSettings(qs.name, queue_type="classic")
+    declare_queues(cfg, classic)
+    with pytest.raises(QueueConflict) as info:
+        declare_queues(cfg, qs)
+    err = info.value
+    assert not err.retryable
+    assert err.queue == qs.name  # type: ignore[attr-defined]
+    assert err.wanted == work_queue_arguments(qs)  # type: ignore[attr-defined]
+    existing = err.existing  # type: ignore[attr-defined]
+    assert isinstance(existing, dict) and existing
+    # What the broker reported differs from what was asked for.
+    (arg, value), *_ = existing.items()
+    assert work_queue_arguments(qs).get(arg) != value
+    message = str(err)
+    assert f"queue {qs.name!r}" in message
+    assert "'x-queue-type': 'quorum'" in message  # the wanted set
+    assert "PRECONDITION_FAILED" in message and arg in message  # the existing side
+    assert "delete" in message and "another queue name" in message  # what to do
+    # The classic queue is untouched and still usable with its own settings.
+    declare_queues(cfg, classic)
+
+
+def test_a_different_delivery_limit_is_a_conflict(cfg: BrokerConfig, qs: QueueSettings) -> None:
+    declare_queues(cfg, qs)
+    with pytest.raises(QueueConflict) as info:
+        declare_queues(cfg, QueueSettings(qs.name, delivery_limit=5))
+    assert info.value.existing == {"x-delivery-limit": "3"}  # type: ignore[attr-defined]
+    assert "'x-delivery-limit': 5" in str(info.value)
+
+
+def test_a_conflicting_companion_queue_is_named(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        conn.channel().queue_declare(
+            qs.dead_name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+    finally:
+        conn.close()
+    with pytest.raises(QueueConflict) as info:
+        declare_queues(cfg, qs)
+    assert info.value.queue == qs.dead_name  # type: ignore[attr-defined]
+    assert f"queue {qs.dead_name!r}" in str(info.value)
+
+
+def test_depth_purge_and_consumers(cfg: BrokerConfig, qs: QueueSettings, broker_url: str) -> None:
+    declare_queues(cfg, qs)
+    fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 7)), run_id="run-depth")
+    assert queue_depths(cfg, qs)["work"].ready == 7
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        ch = conn.channel()
+        ch.basic_consume(qs.results_name, lambda *_: None)
+
+        def with_consumer() -> dict[str, QueueDepth] | None:
+            depths = queue_depths(cfg, qs)
+            return depths if depths["results"].consumers == 1 else None
+
+        depths = wait_until(with_consumer, what="the consumer to show")
+        assert depths is not None
+        assert depths["work"].consumers == 0 and depths["dead"].consumers == 0
+    finally:
+        conn.close()
+    assert purge_work_queue(cfg, qs) == 7
+    assert queue_depths(cfg, qs)["work"].ready == 0
+
+
+def test_management_api_that_does_not_answer_falls_back_to_amqp(
+    broker_url: str, qs: QueueSettings
+) -> None:
+    cfg = BrokerConfig(broker_url, management_url="http://127.0.0.1:1", connect_timeout_s=2)
+    declare_queues(cfg, qs)
+    depth = queue_depths(cfg, qs)["work"]
+    assert (depth.unacked, depth.source) == (None, "amqp")
+
+
+def test_missing_queues(cfg: BrokerConfig, qs: QueueSettings) -> None:
+    with pytest.raises(QueueNotFound) as info:
+        queue_depths(cfg, qs)
+    assert qs.name in str(info.value) and "declare" in str(info.value)
+    with pytest.raises(QueueNotFound):
+        purge_work_queue(cfg, qs)
+    with pytest.raises(QueueNotFound):
+        dead_letter_ids(cfg, qs, run_id="r")
+
+
+def test_delete_is_complete_and_idempotent(cfg: BrokerConfig, qs: QueueSettings) -> None:
+    declare_queues(cfg, qs)
+    fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 3)), run_id="run-del")
+    delete_queues(cfg, qs)
+    delete_queues(cfg, qs)
+    with pytest.raises(QueueNotFound):
+        queue_depths(cfg, qs)
+    # The fill marker went with them: a fresh declare starts without one.
+    declare_queues(cfg, qs)
+    assert (
+        fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 3)), run_id="run-del").skipped
+        is False
+    )
+
+
+def test_dead_letter_ids_peek_without_consuming(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        ch = conn.channel()
+        for mid, run in [("a", "run-1"), ("b", "run-2"), ("c", "run-1"), ("a", "run-1")]:
+            props = pika.BasicProperties(message_id=mid, headers={HEADER_RUN_ID: run})
+            ch.basic_publish("", qs.dead_name, b"x", props)
+        ch.basic_publish("", qs.dead_name, b"no headers")
+    finally:
+        conn.close()
+    wait_until(lambda: queue_depths(cfg, qs)["dead"].ready == 5, what="5 dead letters")
+    assert dead_letter_ids(cfg, qs, run_id="run-1") == ["a", "c"]
+    assert dead_letter_ids(cfg, qs, run_id="run-2") == ["b"]
+    assert dead_letter_ids(cfg, qs, run_id="run-1", limit=1) == ["a"]
+    assert dead_letter_ids(cfg, qs, run_id="run-3") == []
+    assert queue_depths(cfg, qs)["dead"].ready == 5  # nothing was consumed

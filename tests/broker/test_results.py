@@ -1,0 +1,95 @@
+"""The results consumer the flow reads outcome records with."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+import pytest
+
+from flows.adapters.broker import BrokerConfig, QueueSettings, ResultsConsumer, declare_queues
+from flows.core.ledger import FAILED, SUCCEEDED, OutcomeRecord
+
+from .support import ready_count
+
+pytestmark = pytest.mark.broker
+
+
+def _publish(url: str, queue: str, bodies: list[bytes]) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for body in bodies:
+            ch.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+    finally:
+        conn.close()
+
+
+def test_drain_returns_this_runs_records_and_counts_the_rest(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    mine = [
+        OutcomeRecord(run_id="run-1", status=SUCCEEDED, item_id="a", attempt=1, pod="p1"),
+        OutcomeRecord(run_id="run-1", status=FAILED, item_id="b", exit_code=7, stderr_tail="x"),
+        OutcomeRecord(run_id="run-1", status=SUCCEEDED, item_id="b", attempt=2),
+    ]
+    other = OutcomeRecord(run_id="run-0", status=SUCCEEDED, item_id="z")
+    bodies = [
+        mine[0].to_json(),
+        other.to_json(),
+        b"not json",
+        mine[1].to_json(),
+        other.to_json(),
+        mine[2].to_json(),
+    ]
+    _publish(broker_url, qs.results_name, bodies)
+    with ResultsConsumer(cfg, qs, run_id="run-1") as consumer:
+        got = consumer.drain(max_wait_s=5)
+        while len(got) < 3:
+            more = consumer.drain(max_wait_s=2)
+            assert more, "records went missing"
+            got += more
+        assert got == mine
+        assert (consumer.foreign, consumer.malformed) == (2, 1)
+        # Everything looked at was acknowledged: the queue is empty once the consumer is gone.
+    assert ready_count(broker_url, qs.results_name) == 0
+
+
+def test_drain_waits_at_most_max_wait_and_respects_max_records(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    with ResultsConsumer(cfg, qs, run_id="run-1") as consumer:
+        start = time.monotonic()
+        assert consumer.drain(max_wait_s=0.3) == []
+        assert 0.25 <= time.monotonic() - start < 2.0
+        records = [
+            OutcomeRecord(run_id="run-1", status=SUCCEEDED, item_id=str(i)) for i in range(5)
+        ]
+        _publish(broker_url, qs.results_name, [r.to_json() for r in records])
+        first = consumer.drain(max_wait_s=5, max_records=2)
+        assert first == records[:2]
+        rest: list[OutcomeRecord] = []
+        deadline = time.monotonic() + 5
+        while len(rest) < 3 and time.monotonic() < deadline:
+            rest += consumer.drain(max_wait_s=0.5)
+        assert rest == records[2:]
+
+
+def test_records_not_returned_are_redelivered_after_close(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    records = [OutcomeRecord(run_id="run-1", status=SUCCEEDED, item_id=str(i)) for i in range(4)]
+    _publish(broker_url, qs.results_name, [r.to_json() for r in records])
+    with ResultsConsumer(cfg, qs, run_id="run-1") as consumer:
+        assert consumer.drain(max_wait_s=5, max_records=1) == records[:1]
+    # The three prefetched but never returned records are back in the queue.
+    with ResultsConsumer(cfg, qs, run_id="run-1") as consumer:
+        got: list[OutcomeRecord] = []
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            got += consumer.drain(max_wait_s=0.5)
+    assert got == records[1:]
