@@ -36,7 +36,8 @@ class QueueParams(BaseModel):
         default=3,
         ge=1,
         le=1000,
-        description="Deliveries of one item before it is dead-lettered into '<name>.dead'.",
+        description="Redeliveries allowed (x-delivery-limit) before an item is dead-lettered "
+        "into '<name>.dead': an item is tried at most this many times plus one.",
     )
     stale_messages: Literal["fail", "purge"] = Field(
         default="fail",
@@ -106,7 +107,7 @@ class JobParams(BaseModel):
 
     def overrides(self) -> dict[str, object]:
         """The JobSpec fields this run sets (None means: keep the template's value)."""
-        fields = {
+        fields: dict[str, object] = {
             "image": self.image,
             "command": tuple(self.command) if self.command is not None else None,
             "call": self.call,
@@ -118,7 +119,7 @@ class JobParams(BaseModel):
             "idle_timeout_seconds": self.idle_timeout_seconds,
             "name_prefix": self.name_prefix,
         }
-        out = {k: v for k, v in fields.items() if v is not None}
+        out: dict[str, object] = {k: v for k, v in fields.items() if v is not None}
         if self.call is not None and self.command is None:
             out["command"] = ()
         if self.command is not None and self.call is None:

@@ -1,0 +1,158 @@
+"""Watching a running Job: outcome records into the ledger, live caveats, progress.
+
+The backend's `wait` calls `RunMonitor.on_update` on every Job change and at least once a tick;
+each call drains the results queue into the ledger (one task for the whole run, however many
+items), reads the work queue's depth, checks the live caveat (queue drained while pods still wait)
+and reports progress to listeners (the Prefect progress artifact, the CLI's progress bar).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flows.adapters import broker as broker_io
+from flows.core import caveats
+from flows.core.job_status import JobState
+from flows.core.ledger import FATE_SUCCEEDED, Ledger
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a progress bar shows."""
+
+    expected: int
+    succeeded: int
+    failed_attempts: int
+    dead_lettered: int
+    ready: int
+    job: JobState | None
+
+    @property
+    def done(self) -> int:
+        """Items with a final outcome (succeeded or dead-lettered)."""
+        return self.succeeded + self.dead_lettered
+
+    @property
+    def fraction(self) -> float:
+        """Done over expected, 0..1."""
+        return min(1.0, self.done / self.expected) if self.expected else 1.0
+
+    def line(self) -> str:
+        """One plain line."""
+        job = f" | job {self.job.describe()}" if self.job else ""
+        return (
+            f"{self.done}/{self.expected} done ({self.succeeded} succeeded, "
+            f"{self.dead_lettered} dead-lettered, {self.failed_attempts} failed attempts), "
+            f"{self.ready} queued{job}"
+        )
+
+
+ProgressListener = Callable[[Progress], None]
+
+# In-process listeners (the CLI's progress bar registers here; the flow adds its artifact).
+LISTENERS: list[ProgressListener] = []
+
+
+@dataclass
+class RunMonitor:
+    """Folds the results queue into the ledger while the Job runs."""
+
+    cfg: broker_io.BrokerConfig
+    qs: broker_io.QueueSettings
+    ledger: Ledger
+    mode: str
+    idle_timeout_s: float
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
+    listeners: list[ProgressListener] = field(default_factory=list)
+    findings: list[caveats.Finding] = field(default_factory=list)
+    min_report_interval_s: float = 1.0
+    _consumer: broker_io.ResultsConsumer | None = None
+    _dead_baseline: int | None = None
+    _last_report: float = 0.0
+    _last_line: str = ""
+    _drained_flagged: bool = False
+    last_ready: int = 0
+    dead_delta: int = 0
+
+    def __enter__(self) -> RunMonitor:
+        self._consumer = broker_io.ResultsConsumer(self.cfg, self.qs, run_id=self.ledger.run_id)
+        depths = broker_io.queue_depths(self.cfg, self.qs)
+        self._dead_baseline = depths["dead"].ready
+        self.last_ready = depths["work"].ready
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def drain(self, max_wait_s: float = 0.0) -> int:
+        """Fold available outcome records into the ledger; return how many arrived."""
+        assert self._consumer is not None
+        records = self._consumer.drain(max_wait_s=max_wait_s)
+        self.ledger.add_all(records)
+        return len(records)
+
+    def drain_until_quiet(self, *, quiet_s: float = 1.0, cap_s: float = 10.0) -> None:
+        """After the Job ended: take records until every item is accounted for, or none came
+        for `quiet_s` (capped at `cap_s`)."""
+        deadline = time.monotonic() + cap_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            if self.drain(max_wait_s=0.2):
+                last_new = time.monotonic()
+            if self._succeeded() + self.dead_delta >= self.ledger.expected:
+                return
+            if time.monotonic() - last_new >= quiet_s:
+                return
+            self._refresh_depth()
+
+    def _succeeded(self) -> int:
+        return sum(1 for e in self.ledger.items.values() if e.fate == FATE_SUCCEEDED)
+
+    def _refresh_depth(self) -> None:
+        depths = broker_io.queue_depths(self.cfg, self.qs)
+        self.last_ready = depths["work"].ready
+        if self._dead_baseline is not None:
+            self.dead_delta = max(0, depths["dead"].ready - self._dead_baseline)
+
+    def progress(self, state: JobState | None) -> Progress:
+        """The current progress numbers."""
+        failed_attempts = sum(e.failures for e in self.ledger.items.values())
+        return Progress(
+            expected=self.ledger.expected,
+            succeeded=self._succeeded(),
+            failed_attempts=failed_attempts,
+            dead_lettered=self.dead_delta,
+            ready=self.last_ready,
+            job=state,
+        )
+
+    def on_update(self, state: JobState) -> None:
+        """The backend's progress callback."""
+        self.drain()
+        self._refresh_depth()
+        progress = self.progress(state)
+        if self.mode == "coarse" and not self._drained_flagged:
+            in_flight = max(0, progress.expected - progress.ready - progress.done)
+            finding = caveats.check_drained(
+                queue=self.qs.name,
+                ready=progress.ready,
+                unacked=in_flight,
+                state=state,
+                idle_timeout_s=self.idle_timeout_s,
+            )
+            if finding is not None:
+                self._drained_flagged = True
+                self.findings.append(finding)
+                self.logger.warning(finding.line())
+        now = time.monotonic()
+        line = progress.line()
+        if line != self._last_line and now - self._last_report >= self.min_report_interval_s:
+            self._last_report, self._last_line = now, line
+            self.logger.info("progress: %s", line)
+        for listener in [*self.listeners, *LISTENERS]:
+            listener(progress)

@@ -1,0 +1,197 @@
+"""Thin Prefect tasks over the adapters: retries, back-off and which errors are worth retrying.
+
+Each task calls one adapter. Tasks take serializable config (a `BrokerConfig`, `QueueSettings`,
+a `BackendChoice`, manifest dicts), never live connections. Retries key on
+`flows.core.errors.RetryableError`: a refused connection or a 503 is retried with jittered
+back-off; bad credentials, a 422 or a conflicting queue are not. Side effects are idempotent by
+design (the fill's marker, the Job's run label), so a retry - or a retry of the whole flow run in a
+fresh pod, without Prefect's result cache - never duplicates items or Jobs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Literal, cast
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel, ConfigDict
+
+from flows.adapters import broker as broker_io
+from flows.core.backend import JobBackend, JobHandle
+from flows.core.errors import ConfigError, RetryableError
+from flows.core.items import ItemSource, count_items, iter_items
+
+BROKER_URL_ENV = "QUEUEJOB_BROKER_URL"
+
+
+def retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry only `RetryableError`s (and plain connection errors
+    that escaped an adapter)."""
+    try:
+        state.result()
+    except RetryableError:
+        return True
+    except (ConnectionError, TimeoutError):
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_if_retryable,
+    "cache_policy": NO_CACHE,
+}
+
+
+class BackendChoice(BaseModel):
+    """Which Job backend to use and how to reach it (serializable, so tasks can take it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["kubernetes", "local"]
+    credentials_block: str | None = None  # a prefect-kubernetes KubernetesCredentials block
+    cluster_config_block: str | None = None  # or a KubernetesClusterConfig block
+    state_dir: str | None = None  # local backend: where Job state lives
+
+
+def make_backend(choice: BackendChoice) -> JobBackend:
+    """Build the backend (the only place that knows both adapters)."""
+    if choice.kind == "local":
+        from pathlib import Path
+
+        from flows.adapters.local_jobs import LocalBackend
+
+        return LocalBackend(state_dir=Path(choice.state_dir) if choice.state_dir else None)
+    from flows.adapters.kube import KubeBackend
+
+    cluster_config: dict[str, Any] | None = None
+    context: str | None = None
+    if choice.credentials_block or choice.cluster_config_block:
+        try:
+            from prefect_kubernetes.credentials import (
+                KubernetesClusterConfig,
+                KubernetesCredentials,
+            )
+
+            if choice.credentials_block:
+                creds = cast(Any, KubernetesCredentials.load(choice.credentials_block))
+                cfg_block = creds.cluster_config
+            else:
+                cfg_block = cast(Any, KubernetesClusterConfig.load(choice.cluster_config_block))
+        except ValueError as exc:
+            name = choice.credentials_block or choice.cluster_config_block
+            raise ConfigError(
+                f"cannot load the Kubernetes block {name!r}: {exc}; create it in the Prefect UI "
+                "(Blocks) or fix the name"
+            ) from exc
+        if cfg_block is not None:
+            cluster_config = dict(cfg_block.config)
+            context = cfg_block.context_name
+    return KubeBackend.from_config(cluster_config=cluster_config, context=context)
+
+
+def resolve_broker(broker_block: str | None) -> broker_io.BrokerConfig:
+    """The broker: a RabbitMQBroker block by name, else the QUEUEJOB_BROKER_URL environment."""
+    if broker_block:
+        from blocks import RabbitMQBroker
+
+        try:
+            blk = cast(RabbitMQBroker, RabbitMQBroker.load(broker_block))
+        except ValueError as exc:
+            raise ConfigError(
+                f"no RabbitMQBroker block named {broker_block!r}: create it in the Prefect UI "
+                "(Blocks > RabbitMQ Broker) or with RabbitMQBroker(...).save(name)"
+            ) from exc
+        return broker_io.BrokerConfig(
+            url=blk.url(),
+            ca_file=blk.ca_file,
+            connect_timeout_s=float(blk.connect_timeout_s),
+            heartbeat_s=int(blk.heartbeat_s),
+        )
+    url = os.environ.get(BROKER_URL_ENV)
+    if not url:
+        raise ConfigError(
+            "no broker configured: pass broker_block=<name of a RabbitMQBroker block>, or set "
+            f"{BROKER_URL_ENV} in the flow run's environment"
+        )
+    return broker_io.BrokerConfig(url=url)
+
+
+# --- tasks ---------------------------------------------------------------------------------
+
+
+@task(name="validate-items", **{**RETRIES, "retries": 0})
+def validate_items(source: ItemSource) -> int:
+    """Read the whole item source once, before any side effect; return how many items."""
+    return count_items(source)
+
+
+@task(name="wait-for-broker", **{**RETRIES, "retries": 2})
+def wait_for_broker(cfg: broker_io.BrokerConfig, deadline_s: float) -> None:
+    """Wait until the broker completes an AMQP handshake (back-off inside, until a deadline)."""
+    broker_io.wait_for_broker(cfg, deadline_s=deadline_s)
+
+
+@task(name="declare-queue", **RETRIES)
+def declare_queue(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> None:
+    """Declare the work, dead-letter, results and fill-marker queues."""
+    broker_io.declare_queues(cfg, qs)
+
+
+@task(name="inspect-queue", **RETRIES)
+def inspect_queue(
+    cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings
+) -> tuple[broker_io.FillMarker | None, dict[str, broker_io.QueueDepth]]:
+    """The fill marker and the queues' depths (for the stale-message check)."""
+    return broker_io.read_fill_marker(cfg, qs), broker_io.queue_depths(cfg, qs)
+
+
+@task(name="purge-stale", **RETRIES)
+def purge_stale(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> int:
+    """Purge messages left by another run (the caller chose stale_messages='purge')."""
+    return broker_io.purge_work_queue(cfg, qs)
+
+
+@task(name="fill-queue", **RETRIES)
+def fill_queue(
+    cfg: broker_io.BrokerConfig,
+    qs: broker_io.QueueSettings,
+    source: ItemSource,
+    run_id: str,
+    on_progress: Callable[[int], None] | None = None,
+) -> broker_io.FillResult:
+    """Publish every item, persistent and confirmed; idempotent for the same run."""
+    return broker_io.fill_queue(cfg, qs, iter_items(source), run_id=run_id, on_progress=on_progress)
+
+
+@task(name="find-job", **RETRIES)
+def find_job(choice: BackendChoice, namespace: str, name: str, run_id: str) -> JobHandle | None:
+    """This run's Job, if a previous attempt created it."""
+    return make_backend(choice).find_job(namespace=namespace, name=name, run_id=run_id)
+
+
+@task(name="create-job", **RETRIES)
+def create_job(
+    choice: BackendChoice, secret: dict[str, Any], job: dict[str, Any], run_id: str
+) -> JobHandle:
+    """Create the Secret and the Job, or adopt the Job this run already created."""
+    return make_backend(choice).create_or_adopt(secret=secret, job=job, run_id=run_id)
+
+
+@task(name="delete-run-objects", **RETRIES)
+def delete_run_objects(choice: BackendChoice, namespace: str, run_id: str) -> int:
+    """Delete the run's Jobs, pods and Secret (found by the run label)."""
+    return make_backend(choice).delete_run(namespace=namespace, run_id=run_id)
+
+
+@task(name="delete-queues", **RETRIES)
+def delete_queues(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> None:
+    """Delete the work, dead-letter, results and fill-marker queues."""
+    broker_io.delete_queues(cfg, qs)

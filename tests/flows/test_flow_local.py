@@ -1,0 +1,184 @@
+"""The whole flow on real Prefect, real RabbitMQ and the local backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from flows.adapters import broker as broker_io
+from flows.core.errors import CaveatViolation
+from flows.work_queue import cleanup_hook, run_work_queue
+from tests.flows.conftest import DOCS_ITEMS, local_kwargs, pids_with_env_marker
+
+pytestmark = [pytest.mark.broker, pytest.mark.prefect]
+
+
+def codes(report: dict[str, object]) -> set[str]:
+    return {f["code"] for f in report["findings"]}  # type: ignore[index,union-attr]
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def work_depth(broker_url: str, queue: str) -> int:
+    cfg = broker_io.BrokerConfig(url=broker_url)
+    return broker_io.queue_depths(cfg, broker_io.QueueSettings(name=queue))["work"].ready
+
+
+def test_docs_eight_items_all_succeed_once(flow_env: dict[str, str], queue_name: str) -> None:
+    report = run_work_queue(**local_kwargs(queue_name))
+    s = report["summary"]
+    assert (s["expected"], s["succeeded"], s["failed"], s["dead_lettered"], s["left"]) == (
+        8,
+        8,
+        0,
+        0,
+        0,
+    )
+    assert s["processed_more_than_once"] == 0
+    assert report["job_phase"] == "Succeeded"
+    assert report["completions"] == 8
+    assert not [f for f in report["findings"] if f["severity"] != "info"]
+    rows = [json.loads(line) for line in Path(report["ledger_path"]).read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["succeeded"] * 8
+    assert work_depth(flow_env["QUEUEJOB_BROKER_URL"], queue_name) == 0
+    # delete_job=True after success: nothing left in the local backend's state
+    state_dir = Path(flow_env["QUEUEJOB_STATE_DIR"])
+    assert not list(state_dir.rglob("*.json")) if state_dir.exists() else True
+
+
+def test_completions_fewer_than_items_warns_and_leaves_items(
+    flow_env: dict[str, str], queue_name: str
+) -> None:
+    report = run_work_queue(**local_kwargs(queue_name, completions=5))
+    found = {f["code"]: f for f in report["findings"]}
+    assert found["completions-fewer-than-items"]["numbers"]["items_left"] == 3
+    assert found["items-left-in-queue"]["numbers"]["ready"] == 3
+    assert report["summary"]["succeeded"] == 5
+    assert report["summary"]["left"] == 3
+    assert work_depth(flow_env["QUEUEJOB_BROKER_URL"], queue_name) == 3
+
+
+def test_completions_fewer_than_items_fails_before_the_job(
+    flow_env: dict[str, str], queue_name: str
+) -> None:
+    with pytest.raises(CaveatViolation, match=r"completions=5: 3 item\(s\) will be left"):
+        run_work_queue(**local_kwargs(queue_name, completions=5, policy="fail"))
+    state_dir = Path(flow_env["QUEUEJOB_STATE_DIR"])
+    assert not state_dir.exists() or not list(state_dir.rglob("*.json")), "no Job was created"
+
+
+def test_completions_more_than_items_ends_with_idle_pods(
+    flow_env: dict[str, str], queue_name: str
+) -> None:
+    started = time.monotonic()
+    report = run_work_queue(**local_kwargs(queue_name, completions=10))
+    assert time.monotonic() - started < 90, "the run must end by idle exit, not the timeout"
+    found = {f["code"]: f for f in report["findings"]}
+    assert found["completions-more-than-items"]["numbers"]["pods_without_work"] == 2
+    assert report["summary"]["succeeded"] == 8
+    assert report["summary"]["no_work_pods"] == 2
+    assert report["job_phase"] == "Succeeded"
+
+
+def test_poison_item_is_dead_lettered_while_the_rest_succeed(
+    flow_env: dict[str, str], queue_name: str
+) -> None:
+    command = ["sh", "-c", 'item=$(cat); if [ "$item" = fig ]; then echo "bad fig" >&2; exit 4; fi']
+    report = run_work_queue(**local_kwargs(queue_name, command=command))
+    s = report["summary"]
+    assert (s["succeeded"], s["dead_lettered"], s["left"]) == (7, 1, 0)
+    assert "dead-letters" in codes(report)
+    rows = {
+        r["item_id"]: r
+        for r in map(json.loads, Path(report["ledger_path"]).read_text().splitlines())
+    }
+    fig = next(r for r in rows.values() if r["status"] == "dead_lettered")
+    # x-delivery-limit=3 allows 3 redeliveries: 4 attempts, then the dead-letter queue.
+    assert fig["attempts"] == 4
+    assert "bad fig" in fig["error_tail"]
+
+
+def test_crash_after_create_job_then_retry_adopts_the_job(
+    flow_env: dict[str, str], queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUEUEJOB_FAULT", "crash-after-create-job")
+    retrying = run_work_queue.with_options(retries=1, retry_delay_seconds=0)
+    report = retrying(**local_kwargs(queue_name, keep_job=True))
+    s = report["summary"]
+    assert (s["succeeded"], s["attempts"], s["processed_more_than_once"]) == (8, 8, 0)
+    jobs = list(Path(flow_env["QUEUEJOB_STATE_DIR"]).rglob("*.json"))
+    job_files = [p for p in jobs if json.loads(p.read_text()).get("kind") == "Job"]
+    assert len(job_files) == 1, f"exactly one Job, got {job_files}"
+    assert work_depth(flow_env["QUEUEJOB_BROKER_URL"], queue_name) == 0
+    from flows.adapters.local_jobs import LocalBackend
+
+    LocalBackend(state_dir=Path(flow_env["QUEUEJOB_STATE_DIR"])).delete_run(
+        namespace="default", run_id=report["run_id"]
+    )
+
+
+def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
+    flow_env: dict[str, str], queue_name: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, **flow_env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", *DOCS_ITEMS[:4], "--backend", "local",
+         "--queue", queue_name, "--idle-timeout", "2", "--", "sh", "-c", "sleep 120"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: pids_with_env_marker(queue_name), 150, "pods to start")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_for(lambda: not pids_with_env_marker(queue_name), 30, "pods to be gone")
+    state_dir = Path(flow_env["QUEUEJOB_STATE_DIR"])
+    leftovers = [p for p in state_dir.rglob("*.json")] if state_dir.exists() else []
+    assert not [p for p in leftovers if json.loads(p.read_text()).get("kind") == "Job"]
+
+
+def test_cancellation_hook_deletes_the_run_from_its_parameters_alone(
+    flow_env: dict[str, str], queue_name: str
+) -> None:
+    from flows.adapters.local_jobs import LocalBackend
+    from flows.core.manifest import JobSpec, build_job, build_secret, job_name, secret_name
+
+    run_id = str(uuid.uuid4())
+    spec = JobSpec(image="localhost/queuejob:local", command=("sh", "-c", "sleep 120"))
+    name = job_name(spec.name_prefix, run_id)
+    backend = LocalBackend(state_dir=Path(flow_env["QUEUEJOB_STATE_DIR"]))
+    backend.create_or_adopt(
+        secret=build_secret(
+            namespace="default", name=secret_name(name), run_id=run_id,
+            broker_url=flow_env["QUEUEJOB_BROKER_URL"],
+        ),
+        job=build_job(spec, run_id=run_id, queue=queue_name, completions=4),
+        run_id=run_id,
+    )  # fmt: skip
+    wait_for(lambda: pids_with_env_marker(queue_name), 30, "pods to start")
+    flow_run = SimpleNamespace(
+        id=uuid.UUID(run_id), parameters={"backend": "local", "job": {"namespace": "default"}}
+    )
+    cleanup_hook(None, flow_run, SimpleNamespace(name="Cancelling"))
+    wait_for(lambda: not pids_with_env_marker(queue_name), 30, "pods to be gone")
+    assert backend.find_job(namespace="default", name=name, run_id=run_id) is None

@@ -1,0 +1,90 @@
+"""deployments/prefect.yaml against the code and manifests it names, without a server.
+
+tests/e2e deploys it to a real Prefect server and runs `on-demand`; these checks catch drift
+early: parameters the flow no longer accepts (in any of the four deployments, including the
+kubernetes pair that e2e cannot run), an entrypoint that moved, a service account that is not the
+one deployments/k8s/rbac.yaml creates, or a build step that would make `deploy` need Docker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+RBAC_YAML = ROOT / "deployments" / "k8s" / "rbac.yaml"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(PREFECT_YAML.read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def by_name(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in config["deployments"]}
+
+
+def test_two_pairs_on_their_pools_and_queues(by_name: dict[str, dict[str, Any]]) -> None:
+    pools = {
+        name: (dep["work_pool"]["name"], dep["work_pool"]["work_queue_name"])
+        for name, dep in by_name.items()
+    }
+    assert pools == {
+        "on-demand": ("queuejob-local", "on-demand"),
+        "nightly": ("queuejob-local", "nightly"),
+        "on-demand-k8s": ("queuejob-k8s", "on-demand"),
+        "nightly-k8s": ("queuejob-k8s", "nightly"),
+    }
+    for name, dep in by_name.items():
+        assert dep["enforce_parameter_schema"] is True, name
+        crons = [s["cron"] for s in dep["schedules"]]
+        assert crons == (["0 2 * * *"] if name.startswith("nightly") else []), name
+
+
+def test_entrypoint_is_the_flow(by_name: dict[str, dict[str, Any]]) -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    for dep in by_name.values():
+        flow = load_flow_from_entrypoint(dep["entrypoint"], use_placeholder_flow=False)
+        assert flow.name == "queuejob"
+
+
+def test_every_deployments_parameters_are_accepted_by_the_flow(
+    by_name: dict[str, dict[str, Any]],
+) -> None:
+    from flows.work_queue import run_work_queue
+
+    for name, dep in by_name.items():
+        params = run_work_queue.validate_parameters(dep["parameters"])
+        assert params["backend"] == ("kubernetes" if name.endswith("-k8s") else "local"), name
+        assert params["broker_block"] == "queuejob-broker"
+        if name.endswith("-k8s"):
+            assert params["job"].template_block == "queuejob-worker"
+
+
+def test_deploy_needs_no_docker(config: dict[str, Any]) -> None:
+    assert not config.get("build")
+    assert not config.get("push")
+    for dep in config["deployments"]:
+        assert not dep.get("build") and not dep.get("push"), dep["name"]
+        if dep["work_pool"]["name"] == "queuejob-k8s":
+            # The code is in the image: no pull step pointing at the deploying machine.
+            assert dep["pull"] == [], dep["name"]
+
+
+def test_kubernetes_pair_runs_as_the_rbac_service_account(
+    by_name: dict[str, dict[str, Any]],
+) -> None:
+    docs = list(yaml.safe_load_all(RBAC_YAML.read_text()))
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")
+    for name in ("on-demand-k8s", "nightly-k8s"):
+        variables = by_name[name]["work_pool"]["job_variables"]
+        assert variables["service_account_name"] == account["metadata"]["name"]
+        assert variables["namespace"] == account["metadata"]["namespace"]
+        assert variables["image"]
