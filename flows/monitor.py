@@ -74,6 +74,10 @@ class RunMonitor:
     _last_report: float = 0.0
     _last_line: str = ""
     _drained_flagged: bool = False
+    _drained_since: float | None = None
+    # A pod that has just reported its item is still "active" for a moment while it exits; only
+    # a drained queue that stays drained this long with pods running means pods wait for nothing.
+    drained_grace_s: float = 1.0
     last_ready: int = 0
     dead_delta: int = 0
 
@@ -145,7 +149,12 @@ class RunMonitor:
                 state=state,
                 idle_timeout_s=self.idle_timeout_s,
             )
-            if finding is not None:
+            now = time.monotonic()
+            if finding is None:
+                self._drained_since = None
+            elif self._drained_since is None:
+                self._drained_since = now
+            elif now - self._drained_since >= self.drained_grace_s:
                 self._drained_flagged = True
                 self.findings.append(finding)
                 self.logger.warning(finding.line())
