@@ -294,19 +294,17 @@ def build_job(
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.image_pull_secrets]
 
-    job_spec: dict[str, Any] = {
-        "parallelism": spec.parallelism,
-        "backoffLimit": spec.backoff_limit,
-        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
-    }
+    job_spec: dict[str, Any] = {"parallelism": spec.parallelism}
     if completions is not None:
         job_spec["completions"] = completions
         # More pods at once than completions would only start pods with nothing to do.
         job_spec["parallelism"] = min(spec.parallelism, completions)
+    job_spec["backoffLimit"] = spec.backoff_limit
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    job_spec["template"] = {"metadata": {"labels": dict(labels)}, "spec": pod_spec}
 
     annotations = {QUEUE_ANNOTATION: queue}
     if confirmed_items is not None:
