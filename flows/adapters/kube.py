@@ -57,7 +57,7 @@ from kubernetes.client import ApiClient, BatchV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from flows.core.backend import JobHandle, PodFailure, ProgressCallback, Propagation
+from flows.core.backend import JobHandle, PodFailure, ProgressCallback, Propagation, run_id_of
 from flows.core.errors import (
     ConfigError,
     InvalidInput,
@@ -715,25 +715,6 @@ class KubeBackend:
             return None
         return body
 
-    @staticmethod
-    def _owner_run(obj: Mapping[str, Any]) -> str | None:
-        labels = (obj.get("metadata") or {}).get("labels") or {}
-        value = labels.get(RUN_ID_LABEL)
-        return str(value) if value is not None else None
-
-    @staticmethod
-    def _handle(job: Mapping[str, Any], run_id: str, *, adopted: bool) -> JobHandle:
-        meta = job.get("metadata") or {}
-        annotations = meta.get("annotations") or None
-        return JobHandle(
-            name=str(meta.get("name")),
-            namespace=str(meta.get("namespace")),
-            uid=str(meta.get("uid") or ""),
-            run_id=run_id,
-            adopted=adopted,
-            annotations=dict(annotations) if annotations else None,
-        )
-
     def _conflict(self, kind: str, namespace: str, name: str, other: str | None) -> JobConflict:
         owner = f"run '{other}'" if other else f"no queuejob run (no {RUN_ID_LABEL} label)"
         return JobConflict(
@@ -780,7 +761,7 @@ class KubeBackend:
                 namespace,
                 op=KubeOp("get", "secrets", namespace, sec_name),
             )
-            other = self._owner_run(existing)
+            other = run_id_of(existing)
             del existing
             if other != label:
                 raise self._conflict("Secret", namespace, sec_name, other)
@@ -800,7 +781,7 @@ class KubeBackend:
                         f"Job '{name}' in namespace '{namespace}' existed and then vanished "
                         "while it was being adopted; retry"
                     )
-                other = self._owner_run(current)
+                other = run_id_of(current)
                 if other != label:
                     raise self._conflict("Job", namespace, name, other)
                 body = current
@@ -810,7 +791,7 @@ class KubeBackend:
                 self._delete_secret_quietly(namespace, sec_name)
             raise
 
-        handle = self._handle(body, run_id, adopted=adopted)
+        handle = JobHandle.from_job(body, run_id, adopted=adopted)
         owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": handle.uid}
         self._json(
             self._core.patch_namespaced_secret,
@@ -840,10 +821,10 @@ class KubeBackend:
         job = self._read_job(namespace, name)
         if job is None:
             return None
-        other = self._owner_run(job)
+        other = run_id_of(job)
         if other != run_labels(run_id)[RUN_ID_LABEL]:
             raise self._conflict("Job", namespace, name, other)
-        return self._handle(job, run_id, adopted=True)
+        return JobHandle.from_job(job, run_id, adopted=True)
 
     def wait(
         self,

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.core.backend import JobHandle, PodFailure, ProgressCallback, Propagation
+from flows.core.backend import JobHandle, PodFailure, ProgressCallback, Propagation, run_id_of
 from flows.core.errors import (
     InvalidInput,
     JobConflict,
@@ -748,24 +748,6 @@ class LocalBackend:
         return _read_json(self._paths(namespace, name).job)
 
     @staticmethod
-    def _label(job: Mapping[str, Any]) -> str | None:
-        value = ((job.get("metadata") or {}).get("labels") or {}).get(RUN_ID_LABEL)
-        return str(value) if value is not None else None
-
-    @staticmethod
-    def _handle(job: Mapping[str, Any], run_id: str, *, adopted: bool) -> JobHandle:
-        meta = job.get("metadata") or {}
-        annotations = meta.get("annotations") or None
-        return JobHandle(
-            name=str(meta.get("name")),
-            namespace=str(meta.get("namespace")),
-            uid=str(meta.get("uid") or ""),
-            run_id=run_id,
-            adopted=adopted,
-            annotations=dict(annotations) if annotations else None,
-        )
-
-    @staticmethod
     def _conflict(kind: str, namespace: str, name: str, other: str | None) -> JobConflict:
         owner = f"run '{other}'" if other else "no queuejob run"
         return JobConflict(
@@ -779,10 +761,10 @@ class LocalBackend:
         job = self.read_job(namespace=namespace, name=name)
         if job is None:
             return None
-        other = self._label(job)
+        other = run_id_of(job)
         if other != run_labels(run_id)[RUN_ID_LABEL]:
             raise self._conflict("Job", namespace, name, other)
-        return self._handle(job, run_id, adopted=True)
+        return JobHandle.from_job(job, run_id, adopted=True)
 
     # --- create ------------------------------------------------------------------------------
 
@@ -809,8 +791,8 @@ class LocalBackend:
         sec_name = str(sec["metadata"]["name"])
         sec_path = paths.secret(sec_name)
         old_secret = _read_json(sec_path)
-        if old_secret is not None and self._label(old_secret) != label:
-            raise self._conflict("Secret", namespace, sec_name, self._label(old_secret))
+        if old_secret is not None and run_id_of(old_secret) != label:
+            raise self._conflict("Secret", namespace, sec_name, run_id_of(old_secret))
         created_secret = old_secret is None
         del old_secret
         if created_secret:
@@ -873,15 +855,15 @@ class LocalBackend:
                 ) from None
             return self._adopt(paths, current, run_id)
         self._start_supervisor(paths, previous_pid=None)
-        return self._handle(prepared, run_id, adopted=False)
+        return JobHandle.from_job(prepared, run_id, adopted=False)
 
     def _adopt(self, paths: _Paths, job: dict[str, Any], run_id: str) -> JobHandle:
-        other = self._label(job)
+        other = run_id_of(job)
         meta = job.get("metadata") or {}
         if other != run_labels(run_id)[RUN_ID_LABEL]:
             raise self._conflict("Job", str(meta.get("namespace")), paths.name, other)
         self._ensure_supervisor(paths, job)
-        return self._handle(job, run_id, adopted=True)
+        return JobHandle.from_job(job, run_id, adopted=True)
 
     def _await_deletion(self, paths: _Paths) -> None:
         """A Job being deleted cannot be re-created until its processes are gone."""
@@ -930,7 +912,7 @@ class LocalBackend:
             p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p
         )
         env[JOB_UID_ENV] = str(meta.get("uid") or "")
-        env[RUN_ENV] = _run_marker(paths.ns_dir.name, str(self._label(job) or ""))
+        env[RUN_ENV] = _run_marker(paths.ns_dir.name, str(run_id_of(job) or ""))
         fd = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             launcher = subprocess.Popen(
@@ -1128,7 +1110,7 @@ class LocalBackend:
         if ns_dir.is_dir():
             for path in sorted(ns_dir.glob("*.json")):
                 job = _read_json(path)
-                if job is not None and self._label(job) == label:
+                if job is not None and run_id_of(job) == label:
                     found.append((_Paths.for_job_file(path), job))
         for paths, _ in found:
             paths.tombstone.touch(mode=0o600, exist_ok=True)  # no supervisor may (re)start now
@@ -1158,7 +1140,7 @@ class LocalBackend:
         if secrets_dir.is_dir():
             for path in secrets_dir.glob("*.json"):
                 secret = _read_json(path)
-                if secret is not None and self._label(secret) == label:
+                if secret is not None and run_id_of(secret) == label:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
         for paths, _ in found:
@@ -1452,9 +1434,9 @@ class _Supervisor:
         self.paths.tombstone.touch(mode=0o600, exist_ok=True)
         try:
             # The run's Secrets the Job uses go with it, as Secrets owned by a Job do.
-            label = LocalBackend._label(self.job)
+            label = run_id_of(self.job)
             for name, secret in self._secrets().items():
-                if LocalBackend._label(secret) == label:
+                if run_id_of(secret) == label:
                     with contextlib.suppress(FileNotFoundError):
                         self.paths.secret(name).unlink()
             _remove_job_files(self.paths)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from flows.core.job_status import JobState
+from flows.core.manifest import RUN_ID_LABEL
 
 Propagation = Literal["Background", "Foreground"]
 
@@ -24,6 +25,26 @@ class JobHandle:
     run_id: str
     adopted: bool = False  # True when the Job already existed for this run
     annotations: Mapping[str, str] | None = None
+
+    @classmethod
+    def from_job(cls, job: Mapping[str, Any], run_id: str, *, adopted: bool) -> JobHandle:
+        """The handle of a Job object (a dict as the API server or the local backend has it)."""
+        meta = job.get("metadata") or {}
+        annotations = meta.get("annotations") or None
+        return cls(
+            name=str(meta.get("name")),
+            namespace=str(meta.get("namespace")),
+            uid=str(meta.get("uid") or ""),
+            run_id=run_id,
+            adopted=adopted,
+            annotations=dict(annotations) if annotations else None,
+        )
+
+
+def run_id_of(obj: Mapping[str, Any]) -> str | None:
+    """The run id an object is labelled with, or None for an object no run owns."""
+    value = ((obj.get("metadata") or {}).get("labels") or {}).get(RUN_ID_LABEL)
+    return str(value) if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
