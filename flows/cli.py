@@ -180,6 +180,26 @@ def _run_flow(kwargs: dict[str, Any]) -> int:
     return 0
 
 
+def _prefect_api_problem() -> str | None:
+    """Why the configured Prefect API cannot be used, or None. With no PREFECT_API_URL there is
+    nothing to check: the flow runs against a temporary local server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is None:
+        return None
+    return (
+        f"cannot reach the Prefect API at {url} ({type(error).__name__}: {error}); start it "
+        "(prefect server start), correct PREFECT_API_URL, or unset PREFECT_API_URL to run "
+        "against a temporary local server"
+    )
+
+
 def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
     from flows.core.errors import QueueJobError
 
@@ -187,6 +207,11 @@ def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
         kwargs = _flow_kwargs(args, command)
     except (QueueJobError, ValueError) as exc:
         print(f"queuejob: {exc}", file=sys.stderr)
+        return 2
+    # Before the run: an unreachable API would otherwise end in a traceback from the engine.
+    problem = _prefect_api_problem()
+    if problem is not None:
+        print(f"queuejob: {problem}", file=sys.stderr)
         return 2
     return _run_flow(kwargs)
 

@@ -4,6 +4,11 @@ The backend's `wait` calls `RunMonitor.on_update` on every Job change and at lea
 each call drains the results queue into the ledger (one task for the whole run, however many
 items), reads the work queue's depth, checks the live caveat (queue drained while pods still wait)
 and reports progress to listeners (the Prefect progress artifact, the CLI's progress bar).
+
+A broker that goes away while the pods run (a restart, a failover) does not end the wait: the Job
+goes on without the flow, outcome records wait in the durable results queue, and the monitor
+picks up where it left off once the broker answers again. The Job's own conditions and the run's
+deadline still bound the wait.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 
 from flows.adapters import broker as broker_io
 from flows.core import caveats
+from flows.core.errors import BrokerUnavailable
 from flows.core.job_status import JobState
 from flows.core.ledger import FATE_SUCCEEDED, Ledger
 
@@ -80,12 +86,17 @@ class RunMonitor:
     drained_grace_s: float = 1.0
     last_ready: int = 0
     dead_delta: int = 0
+    _broker_lost_at: float | None = None
 
     def __enter__(self) -> RunMonitor:
         self._consumer = broker_io.ResultsConsumer(self.cfg, self.qs, run_id=self.ledger.run_id)
-        depths = broker_io.queue_depths(self.cfg, self.qs)
-        self._dead_baseline = depths["dead"].ready
-        self.last_ready = depths["work"].ready
+        try:
+            depths = broker_io.queue_depths(self.cfg, self.qs)
+        except BrokerUnavailable as exc:
+            self._lost_broker(exc)  # the baseline is taken once the broker answers again
+        else:
+            self._dead_baseline = depths["dead"].ready
+            self.last_ready = depths["work"].ready
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,8 +131,18 @@ class RunMonitor:
     def _refresh_depth(self) -> None:
         depths = broker_io.queue_depths(self.cfg, self.qs)
         self.last_ready = depths["work"].ready
-        if self._dead_baseline is not None:
-            self.dead_delta = max(0, depths["dead"].ready - self._dead_baseline)
+        if self._dead_baseline is None:
+            self._dead_baseline = depths["dead"].ready
+        self.dead_delta = max(0, depths["dead"].ready - self._dead_baseline)
+
+    def _lost_broker(self, exc: BrokerUnavailable) -> None:
+        if self._broker_lost_at is None:
+            self._broker_lost_at = time.monotonic()
+            self.logger.warning(
+                "lost the broker while the Job runs (%s); still waiting for the Job, and reading "
+                "outcome records again once the broker answers",
+                exc,
+            )
 
     def progress(self, state: JobState | None) -> Progress:
         """The current progress numbers."""
@@ -137,8 +158,18 @@ class RunMonitor:
 
     def on_update(self, state: JobState) -> None:
         """The backend's progress callback."""
-        self.drain()
-        self._refresh_depth()
+        try:
+            self.drain()
+            self._refresh_depth()
+        except BrokerUnavailable as exc:
+            # Progress and the live caveat need the broker; the Job does not: keep waiting.
+            self._lost_broker(exc)
+            return
+        if self._broker_lost_at is not None:
+            self.logger.info(
+                "the broker answers again after %.0f s", time.monotonic() - self._broker_lost_at
+            )
+            self._broker_lost_at = None
         progress = self.progress(state)
         if self.mode == "coarse" and not self._drained_flagged:
             in_flight = max(0, progress.expected - progress.ready - progress.done)

@@ -45,6 +45,30 @@ class QueueParams(BaseModel):
         "there: fail the run, or purge them first.",
     )
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: object) -> object:
+        # Before the pattern check, so a bad name gets a message saying what to change rather
+        # than the bare pattern (which stays on the field for the UI form).
+        if not isinstance(value, str):
+            return value
+        if not value:
+            raise ValueError("queue name is empty; give a name such as 'job1'")
+        if len(value) > 200:
+            raise ValueError(
+                f"queue name {value[:20]!r}... is {len(value)} characters "
+                f"({len(value.encode())} bytes); use at most 200 (RabbitMQ allows 255 bytes "
+                "and queuejob appends '.fill.lock' and '.results')"
+            )
+        bad = sorted({c for c in value if not (c.isascii() and (c.isalnum() or c in "_.:-"))})
+        if bad:
+            shown = ", ".join(repr(c) for c in bad)
+            raise ValueError(
+                f"queue name {value!r} contains {shown}; use only letters, digits, '_', '.', "
+                "':' and '-'"
+            )
+        return value
+
 
 class JobParams(BaseModel):
     """The worker Job: a template block, and per-run overrides of it."""

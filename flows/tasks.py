@@ -171,6 +171,19 @@ def fill_queue(
     return broker_io.fill_queue(cfg, qs, iter_items(source), run_id=run_id, on_progress=on_progress)
 
 
+@task(name="check-namespace", **RETRIES)
+def check_namespace(choice: BackendChoice, namespace: str) -> None:
+    """Raise `KubeNotFound` when the Job's namespace does not exist (Kubernetes backend; the
+    local backend has no namespaces to check)."""
+    if choice.kind != "kubernetes":
+        return
+    from flows.adapters.kube import KubeBackend
+
+    backend = make_backend(choice)
+    if isinstance(backend, KubeBackend):
+        backend.check_namespace(namespace)
+
+
 @task(name="find-job", **RETRIES)
 def find_job(choice: BackendChoice, namespace: str, name: str, run_id: str) -> JobHandle | None:
     """This run's Job, if a previous attempt created it."""

@@ -269,6 +269,9 @@ def run_work_queue(
     choice = tasks.BackendChoice(kind=backend, credentials_block=kubernetes_credentials_block)
     n_items = tasks.validate_items(items)
     logger.info("%d items from %s; broker %s", n_items, items.describe(), cfg.redacted())
+    # A namespace that does not exist would only show when the Job is created, after the queue
+    # was filled: check it while nothing has happened yet.
+    tasks.check_namespace(choice, spec.namespace)
 
     findings: list[caveats.Finding] = []
     tasks.wait_for_broker(cfg, broker_wait_seconds)
@@ -373,6 +376,7 @@ def run_work_queue(
             dead_letters=len(dead_ids),
             summary=summary,
             delivery_limit=qs.delivery_limit if qs.queue_type == "quorum" else None,
+            unreported_attempts=len(ledger.items_with_unreported_attempts()),
         )
     )
 

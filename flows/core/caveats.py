@@ -44,6 +44,7 @@ class Code(enum.StrEnum):
     ITEMS_FAILED = "items-failed"
     DEAD_LETTERS = "dead-letters"
     AT_LEAST_ONCE = "processed-more-than-once"
+    REDELIVERED_AFTER_LOST_ATTEMPT = "redelivered-after-lost-attempt"
     NO_WORK_PODS = "pods-found-no-work"
 
 
@@ -236,8 +237,13 @@ def check_after(
     dead_letters: int,
     summary: LedgerSummary,
     delivery_limit: int | None,
+    unreported_attempts: int = 0,
 ) -> list[Finding]:
-    """Findings once the Job has ended: items left, ledger gaps, failures, dead letters."""
+    """Findings once the Job has ended: items left, ledger gaps, failures, dead letters.
+
+    ``unreported_attempts`` counts items that were delivered again after an attempt that left
+    no outcome record (`Ledger.items_with_unreported_attempts`).
+    """
     out: list[Finding] = []
     left = residual_ready + residual_unacked
     if left:
@@ -299,6 +305,19 @@ def check_after(
                 "delivery is at-least-once: make the work idempotent (write results under the "
                 "item id, or check before doing)",
                 {"processed_more_than_once": summary.processed_more_than_once},
+            )
+        )
+    if unreported_attempts:
+        out.append(
+            Finding(
+                Code.REDELIVERED_AFTER_LOST_ATTEMPT,
+                Severity.WARNING,
+                f"{unreported_attempts} item(s) were delivered again after an attempt that left "
+                "no outcome record: its pod died holding the item, perhaps after doing the work "
+                "but before its ack reached the broker, so that work may have run twice",
+                "delivery is at-least-once: make the work idempotent (write results under the "
+                "item id, or check before doing), and look for killed or evicted pods",
+                {"items": unreported_attempts},
             )
         )
     if summary.no_work_pods:

@@ -70,6 +70,20 @@ class ItemOutcome:
     interrupted: int = 0
     last: OutcomeRecord | None = None
     dead_lettered: bool = False
+    highest_attempt: int = 0  # the largest attempt number a record of this item carried
+
+    @property
+    def attempts_made(self) -> int:
+        """Attempts known to have been made: the records, or more when a record's attempt
+        number (counted by the broker) shows that earlier attempts left no record."""
+        return max(self.attempts, self.highest_attempt)
+
+    @property
+    def unreported_attempts(self) -> int:
+        """Attempts that left no outcome record: a pod died holding the item (killed, OOM,
+        node lost), possibly after the work was done and before its ack. The broker's delivery
+        count (quorum queues) reveals them in the next attempt's number."""
+        return max(0, self.highest_attempt - self.attempts)
 
     @property
     def fate(self) -> str:
@@ -89,7 +103,7 @@ class ItemOutcome:
             "item_id": self.item_id,
             "index": self.index,
             "status": self.fate,
-            "attempts": self.attempts,
+            "attempts": self.attempts_made,
             "pod": last.pod if last else "",
             "exit_code": last.exit_code if last else None,
             "duration_s": round(last.duration_s, 3) if last else None,
@@ -147,6 +161,7 @@ class Ledger:
         elif entry.index is None:
             entry.index = record.index
         entry.attempts += 1
+        entry.highest_attempt = max(entry.highest_attempt, record.attempt)
         if record.status == SUCCEEDED:
             entry.successes += 1
         elif record.status == INTERRUPTED:
@@ -177,7 +192,7 @@ class Ledger:
         twice = attempts = 0
         for entry in self.items.values():
             fates[entry.fate] += 1
-            attempts += entry.attempts
+            attempts += entry.attempts_made
             if entry.successes > 1:
                 twice += 1
         unseen = max(0, self.expected - len(self.items))
@@ -192,6 +207,10 @@ class Ledger:
             no_work_pods=self.no_work_pods,
             foreign_records=self.foreign_records,
         )
+
+    def items_with_unreported_attempts(self) -> list[str]:
+        """Ids of items that were delivered again after an attempt that left no record."""
+        return [e.item_id for e in self.items.values() if e.unreported_attempts]
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """One row per item the ledger knows, in item order where known."""

@@ -422,3 +422,14 @@ def test_fail_policy_raises_listing_each_failing_finding(
         assert f"  - {finding.line()}" in message
     assert INFO.line() not in message
     assert "caveat_policy='warn'" in message
+
+
+def test_redelivery_after_a_lost_attempt_explains_at_least_once() -> None:
+    findings = after(unreported_attempts=1, summary=summary(expected=8, succeeded=8, attempts=9))
+    assert codes(findings) == [Code.REDELIVERED_AFTER_LOST_ATTEMPT]
+    (finding,) = findings
+    assert finding.severity is Severity.WARNING
+    assert finding.numbers == {"items": 1}
+    assert "may have run twice" in finding.message
+    assert "at-least-once" in finding.advice and "idempotent" in finding.advice
+    assert after(unreported_attempts=0) == []

@@ -276,3 +276,29 @@ def test_row_fields() -> None:
         "error_tail": "",
     }
     assert json.loads(json.dumps(rows)) == rows
+
+
+# --- attempts that left no record -------------------------------------------------------------
+
+
+def test_an_attempt_number_beyond_the_records_counts_a_lost_attempt() -> None:
+    # A pod was SIGKILLed holding the item (no record); the broker counted the delivery, so the
+    # next attempt carries attempt=2.
+    ledger = Ledger(RUN, expected=2)
+    ledger.add_all([rec("a", attempt=2, index=0), rec("b", index=1)])
+    a, b = ledger.items["a"], ledger.items["b"]
+    assert (a.attempts, a.attempts_made, a.unreported_attempts) == (1, 2, 1)
+    assert (b.attempts_made, b.unreported_attempts) == (1, 0)
+    assert ledger.items_with_unreported_attempts() == ["a"]
+    assert [r["attempts"] for r in ledger.rows()] == [2, 1]
+    assert ledger.summary().attempts == 3
+    assert ledger.summary().processed_more_than_once == 0
+
+
+def test_reported_attempts_are_not_lost_ones() -> None:
+    ledger = Ledger(RUN)
+    ledger.add_all(
+        [rec("a", FAILED, attempt=1), rec("a", INTERRUPTED, attempt=2), rec("a", attempt=3)]
+    )
+    assert ledger.items["a"].unreported_attempts == 0
+    assert ledger.items_with_unreported_attempts() == []
