@@ -40,19 +40,17 @@ from flows.core.job_status import JobPhase, JobState
 from flows.core.manifest import (
     ITEMS_ANNOTATION,
     RUN_ID_LABEL,
-    JobSpec,
-    build_job,
     build_secret,
     run_labels,
     secret_name,
 )
 from tests.fakekube import FakeKubeServer
+from tests.shell_jobs import shell_run
 
 pytestmark = pytest.mark.kube
 
 PASSWORD = "pw-never-shown-7f3a"
 BROKER_URL = f"amqp://queuejob:{PASSWORD}@rabbitmq.example.invalid:5672/%2F"
-IMAGE = "registry.example.invalid/queuejob-worker:1.0"
 
 
 # --- recorded Status bodies (kube-apiserver v1.32, verbatim) -------------------------------------
@@ -298,34 +296,10 @@ def test_client_side_schema_errors_never_show_the_broker_url() -> None:
 # --- against the fake API server ---------------------------------------------------------------
 
 
-def _run(
-    run_id: str,
-    script: str,
-    *,
-    completions: int | None = 1,
-    parallelism: int = 1,
-    backoff_limit: int = 0,
-    namespace: str = "default",
-    active_deadline_seconds: int | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run(run_id: str, script: str, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's Secret and Job, with a plain shell command instead of the queuejob worker."""
-    spec = JobSpec(
-        image=IMAGE,
-        command=("true",),
-        namespace=namespace,
-        parallelism=parallelism,
-        backoff_limit=backoff_limit,
-        active_deadline_seconds=active_deadline_seconds,
-    )
-    job = build_job(
-        spec, run_id=run_id, queue="q", completions=completions, confirmed_items=completions
-    )
-    job["spec"]["template"]["spec"]["containers"][0]["command"] = ["sh", "-c", script]
-    name = job["metadata"]["name"]
-    secret = build_secret(
-        namespace=namespace, name=secret_name(name), run_id=run_id, broker_url=BROKER_URL
-    )
-    return secret, job
+    kw.setdefault("namespace", "default")
+    return shell_run(run_id, script, broker_url=BROKER_URL, **kw)
 
 
 def _wait_for(what: str, check: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -12,46 +12,22 @@ from typing import Any
 
 import yaml
 
-from flows.core.manifest import JobSpec, build_job, build_secret, secret_name
 from tests.realkube.cluster import ROOT, ControlPlane
 from tests.realkube.kubelet import Api, ApiError
+from tests.shell_jobs import shell_run
 
 RBAC_FILE = ROOT / "deployments" / "k8s" / "rbac.yaml"
 
 PASSWORD = "pw-never-shown-5c1e"
 BROKER_URL = f"amqp://queuejob:{PASSWORD}@rabbitmq.example.invalid:5672/%2F"
-IMAGE = "registry.example.invalid/queuejob-worker:1.0"
+
 NS = "default"
 
 
-def make_run(
-    run_id: str,
-    script: str,
-    *,
-    completions: int | None = 1,
-    parallelism: int = 1,
-    backoff_limit: int = 0,
-    namespace: str = NS,
-    active_deadline_seconds: int | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's Secret and Job as the flow builds them, with a shell script as the command."""
-    spec = JobSpec(
-        image=IMAGE,
-        command=("true",),
-        namespace=namespace,
-        parallelism=parallelism,
-        backoff_limit=backoff_limit,
-        active_deadline_seconds=active_deadline_seconds,
-    )
-    job = build_job(
-        spec, run_id=run_id, queue="q", completions=completions, confirmed_items=completions
-    )
-    job["spec"]["template"]["spec"]["containers"][0]["command"] = ["sh", "-c", script]
-    name = job["metadata"]["name"]
-    secret = build_secret(
-        namespace=namespace, name=secret_name(name), run_id=run_id, broker_url=BROKER_URL
-    )
-    return secret, job
+def make_run(run_id: str, script: str, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's Secret and Job, with a plain shell command instead of the queuejob worker."""
+    kw.setdefault("namespace", NS)
+    return shell_run(run_id, script, broker_url=BROKER_URL, **kw)
 
 
 def get(api: Api, path: str) -> dict[str, Any] | None:

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import pika
 import pika.exceptions as pex
 
+from tests.broker.support import drain_messages
+
 T = TypeVar("T")
 
 # The broker user of every run in this suite: a password that is easy to find if it leaks.
@@ -73,23 +75,7 @@ def take_message_ids(url: str, name: str, *, expect: int, timeout: float = 60.0)
     Consuming is the only way to see them all: a quorum queue hands an unacknowledging consumer
     a bounded number of messages.
     """
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ids: list[str] = []
-    try:
-        ch = conn.channel()
-        ch.basic_qos(prefetch_count=1000)
-        deadline = time.monotonic() + timeout
-        for method, props, _body in ch.consume(name, auto_ack=True, inactivity_timeout=1.0):
-            if method is None:
-                if len(ids) >= expect or time.monotonic() > deadline:
-                    break
-                continue
-            ids.append(str(props.message_id))
-        ch.cancel()
-    finally:
-        if conn.is_open:
-            conn.close()
-    return ids
+    return [str(p.message_id) for p in drain_messages(url, name, expect=expect, timeout=timeout)]
 
 
 def delete_queues(url: str, name: str) -> None:
