@@ -42,7 +42,8 @@ def retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
 
 
 RETRIES: dict[str, Any] = {
-    "retries": 3,
+    # 2, 4, 8 and 16 s apart (with jitter): together longer than a broker restart takes.
+    "retries": 4,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_if_retryable,
@@ -133,7 +134,9 @@ def validate_items(source: ItemSource) -> int:
     return count_items(source)
 
 
-@task(name="wait-for-broker", **{**RETRIES, "retries": 2})
+# No task retries: the adapter already retries with back-off until the deadline, and a second
+# layer of retries would multiply the wait the caller asked for.
+@task(name="wait-for-broker", **{**RETRIES, "retries": 0})
 def wait_for_broker(cfg: broker_io.BrokerConfig, deadline_s: float) -> None:
     """Wait until the broker completes an AMQP handshake (back-off inside, until a deadline)."""
     broker_io.wait_for_broker(cfg, deadline_s=deadline_s)
