@@ -16,8 +16,9 @@ import pytest
 from flows.core.items import ItemSource
 from flows.params import CleanupParams, JobParams, QueueParams
 from tests.realkube.cluster import ControlPlane
-from tests.realkube.helpers import IMAGE, NS, apply_role, pods_of, wait_for
+from tests.realkube.helpers import NS, apply_role, pods_of, wait_for
 from tests.realkube.kubelet import Kubelet
+from tests.shell_jobs import IMAGE
 
 pytestmark = [pytest.mark.broker, pytest.mark.prefect]
 
