@@ -204,22 +204,7 @@ class Controllers:
         ]
 
     def _remove_tracking(self, pod: Obj) -> None:
-        meta = pod["metadata"]
-
-        def strip(draft: Obj) -> None:
-            draft["metadata"]["finalizers"] = [
-                f for f in draft["metadata"].get("finalizers") or [] if f != JOB_TRACKING_FINALIZER
-            ]
-
-        with contextlib.suppress(ApiError):
-            self.store.update(
-                "pods",
-                meta["namespace"],
-                meta["name"],
-                strip,
-                expect_uid=meta["uid"],
-                manager=MANAGER,
-            )
+        self._drop_finalizer("pods", pod, JOB_TRACKING_FINALIZER)
 
     def _delete_pod(self, pod: Obj) -> None:
         meta = pod["metadata"]
