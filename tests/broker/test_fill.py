@@ -76,6 +76,29 @@ def test_messages_carry_id_index_run_and_persistence(
         assert props.headers[HEADER_INDEX] == item.index
 
 
+def test_large_and_empty_bodies_go_through_pika_in_order(
+    cfg: BrokerConfig, qs: QueueSettings, run_id: str, broker_url: str
+) -> None:
+    """Bodies the hand-built frames leave to pika (over one frame, empty) keep their place."""
+    bodies = [b"small", b"L" * 300_000, b"", b"tiny", b"M" * 140_000, b"last"]
+    items = [Item(id=f"item-{i}", index=i, body=body) for i, body in enumerate(bodies)]
+    declare_queues(cfg, qs)
+    assert fill_queue(cfg, qs, items, run_id=run_id).confirmed == 6
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        ch = conn.channel()
+        got = [ch.basic_get(qs.name, auto_ack=True) for _ in range(len(items))]
+    finally:
+        conn.close()
+    for (_method, props, body), item in zip(got, items, strict=True):
+        assert (props.message_id, props.headers[HEADER_INDEX], body) == (
+            item.id,
+            item.index,
+            item.body,
+        )
+        assert props.headers[HEADER_RUN_ID] == run_id and props.delivery_mode == 2
+
+
 @pytest.fixture
 def child_fill() -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []

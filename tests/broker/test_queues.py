@@ -45,8 +45,14 @@ def test_work_queue_arguments() -> None:
     assert "x-delivery-limit" not in work_queue_arguments(
         QueueSettings("jobs", delivery_limit=None)
     )
-    classic = work_queue_arguments(QueueSettings("jobs", queue_type="classic"))
-    assert classic["x-queue-type"] == "classic" and "x-delivery-limit" not in classic
+    assert work_queue_arguments(QueueSettings("jobs", queue_type="classic")) == {
+        "x-queue-type": "classic",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "jobs.dead",
+        # RabbitMQ 3.12+'s classic storage, asked for explicitly on 3.10 and 3.11
+        "x-queue-version": 2,
+        "x-queue-mode": "lazy",
+    }
 
 
 def test_classic_then_quorum_is_a_conflict_naming_both_argument_sets(
@@ -80,6 +86,31 @@ def test_a_different_delivery_limit_is_a_conflict(cfg: BrokerConfig, qs: QueueSe
         declare_queues(cfg, QueueSettings(qs.name, delivery_limit=5))
     assert info.value.existing == {"x-delivery-limit": "3"}  # type: ignore[attr-defined]
     assert "'x-delivery-limit': 5" in str(info.value)
+
+
+def test_a_classic_queue_is_redeclared_as_is_and_one_without_its_storage_is_a_conflict(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    classic = QueueSettings(qs.name, queue_type="classic")
+    declare_queues(cfg, classic)
+    declare_queues(cfg, classic)  # the broker accepts the storage arguments as equivalent
+    delete_queues(cfg, classic)
+    # The same classic queue declared without the storage arguments, as before they were asked
+    # for: RabbitMQ refuses the re-declare, and the error says what differs.
+    older = {
+        k: v
+        for k, v in work_queue_arguments(classic).items()
+        if k not in ("x-queue-version", "x-queue-mode")
+    }
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        conn.channel().queue_declare(qs.name, durable=True, arguments=older)
+    finally:
+        conn.close()
+    with pytest.raises(QueueConflict) as info:
+        declare_queues(cfg, classic)
+    assert info.value.queue == qs.name  # type: ignore[attr-defined]
+    assert "x-queue-mode" in str(info.value) or "x-queue-version" in str(info.value)
 
 
 def test_a_conflicting_companion_queue_is_named(
