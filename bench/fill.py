@@ -1,18 +1,21 @@
 """Figure 1: filling a durable queue with small persistent items, against the docs' ways.
 
-Four ways to put the same items (the integers as text) into the same kind of queue (durable,
-classic: what the docs' ``amqp-declare-queue -d`` makes), measured in the same rounds:
+The ways to put the same items (the integers as text) into a durable queue, measured in the
+same rounds, each into a fresh queue declared exactly as queuejob declares its work queue:
 
-* queuejob's fill (`fill_queue`): persistent, publisher-confirmed, pipelined;
+* queuejob's fill (`fill_queue`): persistent, publisher-confirmed, pipelined, with the message
+  id and the run id and index headers every item carries;
 * the docs' loop: one ``amqp-publish -p`` process per message, from a shell loop (timed over
   fewer messages and extrapolated, as the issue says);
 * ``amqp-publish -l -p``: the C client, one process reading one message per line, no confirms;
 * pika's plain way: a `BlockingConnection` with confirms, waiting for each one (timed over
   fewer messages and extrapolated).
 
-queuejob's default queue type, quorum, costs the broker differently (about half the CPU per
-persistent message of a classic queue here), so queuejob's fill and ``amqp-publish -l`` are also
-measured into a quorum queue, and the rate and C-client targets are checked for both types.
+Both queue types are measured and checked. Quorum is queuejob's default; classic is what the
+docs' ``amqp-declare-queue -d`` makes, and queuejob declares it with the storage RabbitMQ 3.12+
+uses (version 2, lazy; see `CLASSIC_STORAGE_ARGUMENTS`). For reference, ``amqp-publish -l`` is
+also measured into the docs' own classic queue (``-d``, no arguments), and queuejob's fill into
+a classic queue declared without the storage arguments, as queuejob did before.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bench.common import (
     BenchError,
     Context,
     FigureResult,
+    Series,
     ensure_amqp_tools,
     queue_name,
     rounds,
@@ -65,6 +69,24 @@ def _declare_plain(cfg: broker_io.BrokerConfig, name: str, queue_type: str = "cl
         conn.close()
 
 
+def _settings(name: str, queue_type: str) -> broker_io.QueueSettings:
+    return broker_io.QueueSettings(
+        name=name,
+        queue_type=queue_type,  # type: ignore[arg-type]
+        delivery_limit=None if queue_type == "classic" else 3,
+    )
+
+
+def _declare_like_queuejob(cfg: broker_io.BrokerConfig, name: str, queue_type: str) -> None:
+    """A durable queue with the arguments queuejob gives its work queue of this type."""
+    conn = broker_io.connect(cfg)
+    try:
+        arguments = broker_io.work_queue_arguments(_settings(name, queue_type))
+        conn.channel().queue_declare(name, durable=True, arguments=arguments)
+    finally:
+        conn.close()
+
+
 def _depth(cfg: broker_io.BrokerConfig, name: str) -> int:
     conn = broker_io.connect(cfg)
     try:
@@ -93,15 +115,20 @@ def _expect_depth(
 # --- the four ways -----------------------------------------------------------------------------
 
 
-def fill_queuejob(cfg: broker_io.BrokerConfig, n: int, queue_type: str) -> float:
-    """Seconds for queuejob's confirmed fill of ``n`` items (a fresh queue, deleted after)."""
-    qs = broker_io.QueueSettings(
-        name=queue_name(KEY),
-        queue_type=queue_type,  # type: ignore[arg-type]
-        delivery_limit=None if queue_type == "classic" else 3,
-    )
+def fill_queuejob(
+    cfg: broker_io.BrokerConfig, n: int, queue_type: str, *, classic_storage: bool = True
+) -> float:
+    """Seconds for queuejob's confirmed fill of ``n`` items (a fresh queue, deleted after).
+
+    ``classic_storage=False`` declares a classic work queue as queuejob did before it asked for
+    RabbitMQ 3.12+'s storage (`broker_io.CLASSIC_STORAGE_ARGUMENTS`), the previous approach.
+    """
+    qs = _settings(queue_name(KEY), queue_type)
     try:
-        broker_io.declare_queues(cfg, qs)
+        if classic_storage:
+            broker_io.declare_queues(cfg, qs)
+        else:
+            _declare_older(cfg, qs)
         items = iter_items(ItemSource.int_range(0, n))
         start = time.perf_counter()
         result = broker_io.fill_queue(cfg, qs, items, run_id=str(uuid.uuid4()))
@@ -112,6 +139,23 @@ def fill_queuejob(cfg: broker_io.BrokerConfig, n: int, queue_type: str) -> float
         return elapsed
     finally:
         _delete(cfg, qs.name)
+
+
+def _declare_older(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> None:
+    """queuejob's queues, the work queue then made again without the classic storage arguments."""
+    broker_io.declare_queues(cfg, qs)
+    arguments = {
+        k: v
+        for k, v in broker_io.work_queue_arguments(qs).items()
+        if k not in broker_io.CLASSIC_STORAGE_ARGUMENTS
+    }
+    conn = broker_io.connect(cfg)
+    try:
+        channel = conn.channel()
+        channel.queue_delete(qs.name)
+        channel.queue_declare(qs.name, durable=True, arguments=arguments)
+    finally:
+        conn.close()
 
 
 def _authfile(cfg: broker_io.BrokerConfig, workdir: Path) -> Path:
@@ -140,11 +184,19 @@ def fill_c_client(
     lines: Path,
     n: int,
     queue_type: str = "classic",
+    *,
+    docs_queue: bool = False,
 ) -> float:
-    """Seconds for ``amqp-publish -l -p < lines`` (one process, unconfirmed)."""
+    """Seconds for ``amqp-publish -l -p < lines`` (one process, unconfirmed).
+
+    Into a queue declared as queuejob declares it, or with ``docs_queue`` the docs' own.
+    """
     name = queue_name(KEY)
     try:
-        _declare_plain(cfg, name, queue_type)
+        if docs_queue:
+            _declare_plain(cfg, name, queue_type)
+        else:
+            _declare_like_queuejob(cfg, name, queue_type)
         argv = [*_amqp_args(tool, cfg, auth), "-r", name, "-p", "-l"]
         with lines.open("rb") as stdin:
             start = time.perf_counter()
@@ -177,7 +229,7 @@ def fill_docs_loop(cfg: broker_io.BrokerConfig, tool: str, auth: Path, n: int) -
         "QUEUE": name,
     }
     try:
-        _declare_plain(cfg, name)
+        _declare_like_queuejob(cfg, name, "classic")
         start = time.perf_counter()
         res = subprocess.run(["sh", "-c", script], env=env, capture_output=True, timeout=900)
         elapsed = time.perf_counter() - start
@@ -193,7 +245,7 @@ def fill_pika_each(cfg: broker_io.BrokerConfig, n: int) -> float:
     """Seconds for pika publishing ``n`` persistent messages, waiting for each confirm."""
     name = queue_name(KEY)
     try:
-        _declare_plain(cfg, name)
+        _declare_like_queuejob(cfg, name, "classic")
         conn = broker_io.connect(cfg)
         try:
             ch = conn.channel()
@@ -221,6 +273,11 @@ def run(ctx: Context) -> FigureResult:
     fig.params = {"items": n, "docs_loop_messages": n_docs, "pika_each_messages": n_pika}
     cfg = broker_io.BrokerConfig(url=ctx.broker_url)
     qj = fig.new_series("queuejob", "classic queue: queuejob fill (confirmed)", "msg/s")
+    qj_older = fig.new_series(
+        "queuejob_classic_v1",
+        "classic queue without the 3.12+ storage arguments: queuejob fill (the previous approach)",
+        "msg/s",
+    )
     c_client = fig.new_series(
         "amqp_publish_l", "classic queue: amqp-publish -l -p (C, one process, unconfirmed)", "msg/s"
     )
@@ -235,6 +292,11 @@ def run(ctx: Context) -> FigureResult:
         "classic queue: pika BlockingConnection, confirm each message",
         "msg/s",
         note=f"timed over {n_pika} messages, extrapolated",
+    )
+    c_client_docs = fig.new_series(
+        "amqp_publish_l_docs_queue",
+        "the docs' classic queue (-d, no arguments): amqp-publish -l -p",
+        "msg/s",
     )
     qj_q = fig.new_series("queuejob_quorum", "quorum queue: queuejob fill (confirmed)", "msg/s")
     c_client_q = fig.new_series(
@@ -253,34 +315,43 @@ def run(ctx: Context) -> FigureResult:
     if tool is None:
         fig.notes.append("amqp-publish (Debian amqp-tools) is not available: baselines missing")
 
+    def rate(series: Series, seconds: float, count: int, what: str) -> None:
+        series.add(count / seconds)
+        say(f"  {what}: {count} in {seconds:.2f} s ({count / seconds:,.0f} msg/s)")
+
     for _ in rounds(ctx, KEY):
         t = fill_queuejob(cfg, n, "classic")
-        qj.add(n / t)
         qj_time.add(t)
-        say(f"  classic, queuejob fill: {n} items in {t:.2f} s ({n / t:,.0f} msg/s)")
+        rate(qj, t, n, "classic, queuejob fill")
+        t = fill_queuejob(cfg, n, "classic", classic_storage=False)
+        rate(qj_older, t, n, "classic without the storage arguments, queuejob fill")
         if tool and auth:
-            t = fill_c_client(cfg, tool, auth, lines, n)
-            c_client.add(n / t)
-            say(f"  classic, amqp-publish -l: {n} items in {t:.2f} s ({n / t:,.0f} msg/s)")
-        t = fill_pika_each(cfg, n_pika)
-        pika_each.add(n_pika / t)
-        say(f"  classic, pika confirm-each: {n_pika} in {t:.2f} s ({n_pika / t:,.0f} msg/s)")
+            rate(c_client, fill_c_client(cfg, tool, auth, lines, n), n, "classic, amqp-publish -l")
+            t = fill_c_client(cfg, tool, auth, lines, n, docs_queue=True)
+            rate(c_client_docs, t, n, "docs' classic queue, amqp-publish -l")
+        rate(pika_each, fill_pika_each(cfg, n_pika), n_pika, "classic, pika confirm-each")
         if tool and auth:
             t = fill_docs_loop(cfg, tool, auth, n_docs)
-            docs.add(n_docs / t)
             docs_time.add(t * n / n_docs)
-            say(f"  classic, docs' loop: {n_docs} in {t:.2f} s ({n_docs / t:,.1f} msg/s)")
-        t = fill_queuejob(cfg, n, "quorum")
-        qj_q.add(n / t)
-        say(f"  quorum, queuejob fill: {n} items in {t:.2f} s ({n / t:,.0f} msg/s)")
+            rate(docs, t, n_docs, "classic, docs' loop")
+        rate(qj_q, fill_queuejob(cfg, n, "quorum"), n, "quorum, queuejob fill")
         if tool and auth:
             t = fill_c_client(cfg, tool, auth, lines, n, "quorum")
-            c_client_q.add(n / t)
-            say(f"  quorum, amqp-publish -l: {n} items in {t:.2f} s ({n / t:,.0f} msg/s)")
+            rate(c_client_q, t, n, "quorum, amqp-publish -l")
 
     vs_docs = fig.ratio("classic: queuejob / docs' loop", "queuejob", "docs_loop")
     vs_c = fig.ratio("classic: queuejob / amqp-publish -l", "queuejob", "amqp_publish_l")
+    fig.ratio(
+        "classic: queuejob / amqp-publish -l into the docs' queue",
+        "queuejob",
+        "amqp_publish_l_docs_queue",
+    )
     fig.ratio("classic: queuejob / pika confirm-each", "queuejob", "pika_each")
+    fig.ratio(
+        "classic: with the storage arguments / without (queuejob fill)",
+        "queuejob",
+        "queuejob_classic_v1",
+    )
     vs_c_q = fig.ratio(
         "quorum: queuejob / amqp-publish -l", "queuejob_quorum", "amqp_publish_l_quorum"
     )

@@ -207,6 +207,7 @@ def test_docs_loop_and_c_client_deliver_every_message(broker_url: str, tmp_path:
     # Both verify the queue depth themselves and raise BenchError on a shortfall.
     assert fill.fill_docs_loop(cfg, tool, auth, 5) > 0
     assert fill.fill_c_client(cfg, tool, auth, lines, 300) > 0
+    assert fill.fill_c_client(cfg, tool, auth, lines, 300, docs_queue=True) > 0
 
 
 @pytest.mark.broker
