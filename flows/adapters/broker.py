@@ -6,7 +6,8 @@ Everything here is I/O; pika's exceptions are translated into `flows.core.errors
 * `BrokerAuthError` (permanent): the broker refused the credentials or the vhost.
 * `QueueConflict` (permanent): a queue exists with other arguments (PRECONDITION_FAILED).
 * `QueueNotFound` (permanent): a queue the call needs has not been declared (or was deleted).
-* `PublishError` (retryable): a publish was nacked or returned unroutable.
+* `PublishError` (retryable): a publish was nacked or returned unroutable, or the work queue
+  did not gain exactly the confirmed messages.
 * `FillInProgress` (retryable): another fill of the same queue holds its lock.
 
 Queues of one work queue ``<name>`` (see `QueueSettings`):
@@ -25,7 +26,8 @@ Timeouts: connecting is bounded by ``connect_timeout_s`` (socket connect, TLS an
 handshake). Once connected, pika's heartbeat closes a connection that has been silent for
 ``heartbeat_s`` seconds, so a broker that dies mid-call fails the call within about that long;
 a fill also aborts when no publisher confirm arrives for ``max(30, 3 * connect_timeout_s)``
-seconds. No call here can wait forever on a dead broker.
+seconds, and drops its socket if the broker then does not answer the close within 5 s. No call
+here can wait forever on a dead or stuck broker.
 
 The password of a broker URL never appears in a message, a log line or an exception.
 """
@@ -87,6 +89,8 @@ _SUFFIXES = (".dead", ".results", ".fill", ".fill.lock")
 MAX_QUEUE_NAME_BYTES = 255 - max(len(s) for s in _SUFFIXES)
 _MAX_BYTES_IN_FLIGHT = 32 * 1024 * 1024  # with the message window, bounds the fill's memory
 _MARKER_SCAN_LIMIT = 1000
+_MIN_STALL_S = 30.0  # a fill with confirms outstanding and none arriving for this long fails
+_CLOSE_GRACE_S = 5.0  # how long a failed fill waits for the broker to confirm the close
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -841,8 +845,11 @@ def fill_queue(
 
     Messages: ``message_id`` = item id, headers ``queuejob-run-id`` and ``queuejob-index``,
     delivery mode 2. Publisher confirms are pipelined: up to ``window`` messages (and 32 MiB)
-    are unconfirmed at once, so memory stays flat whatever the number of items. A nack or an
-    unroutable return raises `PublishError` (nothing is silently lost).
+    are unconfirmed at once, so memory stays flat whatever the number of items. Nothing is
+    silently lost: a nack or an unroutable return raises `PublishError`, and so does a work
+    queue that does not hold exactly the confirmed messages more after the fill than before it
+    (a length limit or TTL policy dropped some, or a consumer took some). A work queue deleted
+    before the fill raises `QueueNotFound`.
 
     Idempotent per run, through the marker in ``<name>.fill``: if this run's fill already
     finished, nothing is published (``skipped=True``); if this run's fill stopped half-way (a
@@ -885,9 +892,33 @@ def fill_queue(
             # The lock lives on this connection: service its heartbeats during the fill.
             conn.process_data_events(time_limit=0)
 
+        before = int(_passive(conn, cfg, qs.name).message_count)
         confirmed = _Publisher(cfg, qs, items, run_id, window, on_progress, keepalive).run()
+        _check_filled(conn, cfg, qs, before, confirmed)
         _write_marker(conn, cfg, qs, FillMarker(run_id, done=True, confirmed=confirmed))
     return FillResult(confirmed=confirmed, skipped=False)
+
+
+def _check_filled(
+    conn: Any, cfg: BrokerConfig, qs: QueueSettings, before: int, confirmed: int
+) -> None:
+    """The work queue must hold exactly the confirmed messages more than before the fill."""
+    ok = _passive(conn, cfg, qs.name)  # QueueNotFound if it was deleted during the fill
+    added = int(ok.message_count) - before
+    if added == confirmed:
+        return
+    consumers = int(ok.consumer_count)
+    why = (
+        f"{consumers} consumer(s) are attached to it and may have taken messages: stop them "
+        "(an earlier run's pods?) and retry the fill"
+        if consumers
+        else "the queue was deleted and declared again during the fill, or a length limit or "
+        "message TTL policy dropped messages: check the queue's policies and retry the fill"
+    )
+    raise PublishError(
+        f"the broker at {cfg.describe()} confirmed {confirmed} messages of the fill of queue "
+        f"{qs.name!r}, but the queue gained {added} (it held {before} before the fill); {why}"
+    )
 
 
 def _take_fill_lock(conn: Any, cfg: BrokerConfig, qs: QueueSettings) -> None:
@@ -1030,7 +1061,7 @@ class _Publisher:
         self.window = window
         self.on_progress = on_progress
         self.keepalive = keepalive
-        self.stall_s = max(30.0, 3 * cfg.connect_timeout_s)
+        self.stall_s = max(_MIN_STALL_S, 3 * cfg.connect_timeout_s)
         self.conn: Any = None
         self.channel: Any = None
         self.frames: FillFrames | None = None  # None: every message goes through pika
@@ -1086,8 +1117,21 @@ class _Publisher:
             self.error = exc
         if self.conn.is_open:
             self.conn.close()
+            # A broker whose channel is stuck (waiting on a quorum queue deleted under it, say)
+            # never answers the close: drop the socket after a grace period.
+            self.conn.ioloop.call_later(_CLOSE_GRACE_S, self._abort)
         elif not self.conn.is_closing:
             self.conn.ioloop.stop()
+
+    def _abort(self) -> None:
+        if self.conn.is_closed:
+            return
+        disconnect = getattr(self.conn, "_adapter_disconnect_stream", None)
+        if callable(disconnect):  # pika 1.x: abort the transport; the close callback follows
+            with contextlib.suppress(Exception):
+                disconnect()
+                return
+        self.conn.ioloop.stop()
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
         if self.error is None:

@@ -69,7 +69,8 @@ class FillInProgress(RetryableError):
 
 
 class PublishError(RetryableError):
-    """A publish was nacked or returned unroutable; the fill must be repeated."""
+    """A publish was nacked or returned unroutable, or the queue did not gain what was
+    confirmed; the fill must be repeated."""
 
 
 class StaleMessages(PermanentError):

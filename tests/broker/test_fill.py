@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pika
 import pytest
 
+from flows.adapters import broker as broker_adapter
 from flows.adapters.broker import (
     HEADER_INDEX,
     HEADER_RUN_ID,
@@ -21,8 +23,15 @@ from flows.adapters.broker import (
     fill_queue,
     queue_depths,
     read_fill_marker,
+    work_queue_arguments,
 )
-from flows.core.errors import FillInProgress, ItemError, PublishError
+from flows.core.errors import (
+    BrokerUnavailable,
+    FillInProgress,
+    ItemError,
+    PublishError,
+    QueueNotFound,
+)
 from flows.core.items import Item, ItemSource, iter_items
 
 from .support import ROOT, drain_messages, wait_until
@@ -164,21 +173,122 @@ def test_a_new_run_replaces_the_marker(cfg: BrokerConfig, qs: QueueSettings) -> 
     assert queue_depths(cfg, qs)["work"].ready == 7
 
 
-def test_an_unroutable_publish_is_an_error(
+def _delete_queue(
+    broker_url: str, name: str, *, declare_again: dict[str, object] | None = None
+) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        ch = conn.channel()
+        ch.queue_delete(name)
+        if declare_again is not None:
+            ch.queue_declare(name, durable=True, arguments=declare_again)
+    finally:
+        conn.close()
+
+
+def test_a_work_queue_deleted_before_the_fill_is_not_found(
+    cfg: BrokerConfig, qs: QueueSettings, run_id: str, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    _delete_queue(broker_url, qs.name)
+    with pytest.raises(QueueNotFound) as info:
+        fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 10)), run_id=run_id)
+    assert qs.name in str(info.value)
+    marker = read_fill_marker(cfg, qs)
+    assert marker is not None and not marker.done
+
+
+@pytest.mark.parametrize("declare_again", [True, False], ids=["declared-again", "gone"])
+def test_a_work_queue_deleted_during_the_fill_is_an_error(
+    cfg: BrokerConfig, qs: QueueSettings, run_id: str, broker_url: str, declare_again: bool
+) -> None:
+    """Messages published while the queue is gone come back unroutable, never silently lost.
+
+    A classic queue: RabbitMQ 3.10 never confirms the messages that were on their way into a
+    quorum queue when it was deleted (the next test).
+    """
+    qs = QueueSettings(qs.name, queue_type="classic")
+    declare_queues(cfg, qs)
+    deleted: list[int] = []
+
+    def on_progress(confirmed: int) -> None:
+        if not deleted and confirmed > 0:
+            deleted.append(confirmed)
+            again = work_queue_arguments(qs) if declare_again else None
+            _delete_queue(broker_url, qs.name, declare_again=again)
+
+    items = iter_items(ItemSource.int_range(0, 20_000))
+    with pytest.raises(PublishError) as info:
+        fill_queue(cfg, qs, items, run_id=run_id, on_progress=on_progress)
+    assert deleted, "the queue was never deleted: the test proves nothing"
+    message = str(info.value)
+    assert qs.name in message and info.value.retryable
+    # Either a message came back unroutable, or (declared again between two publishes) the
+    # queue's count fell short of the confirmed messages.
+    assert "unroutable" in message or "confirmed 20000 messages" in message
+    marker = read_fill_marker(cfg, qs)
+    assert marker is not None and not marker.done
+
+
+def test_a_fill_the_queue_does_not_keep_entirely_is_an_error(
+    cfg: BrokerConfig, qs: QueueSettings, run_id: str, broker_url: str
+) -> None:
+    """A queue that drops messages (here a length limit, overflow drop-head, as a policy could
+    set) confirms them all the same: the count after the fill says so."""
+    declare_queues(cfg, qs)
+    limited = {**work_queue_arguments(qs), "x-max-length": 5}
+    _delete_queue(broker_url, qs.name, declare_again=limited)
+    with pytest.raises(PublishError) as info:
+        fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 50)), run_id=run_id)
+    message = str(info.value)
+    assert "confirmed 50 messages" in message and "gained 5" in message
+    assert "length limit" in message and info.value.retryable
+
+
+def test_a_quorum_queue_deleted_during_the_fill_ends_it_by_the_confirm_watchdog(
+    cfg: BrokerConfig,
+    qs: QueueSettings,
+    run_id: str,
+    broker_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RabbitMQ never confirms the messages that were on their way into a quorum queue when it
+    was deleted, nor answers the close of that channel: the watchdog fails the fill and the
+    socket is dropped after the grace period, so the fill cannot hang."""
+    monkeypatch.setattr(broker_adapter, "_MIN_STALL_S", 2.0)
+    monkeypatch.setattr(broker_adapter, "_CLOSE_GRACE_S", 1.0)
+    cfg = BrokerConfig(url=broker_url, connect_timeout_s=0.5)
+    declare_queues(cfg, qs)
+    deleted: list[int] = []
+
+    def on_progress(confirmed: int) -> None:
+        if not deleted:
+            deleted.append(confirmed)
+            _delete_queue(broker_url, qs.name)
+
+    items = iter_items(ItemSource.int_range(0, 20_000))
+    start = time.monotonic()
+    # The watchdog's PublishError, or the broker closing the connection (541 INTERNAL_ERROR,
+    # BrokerUnavailable), or the work queue found missing: an error either way, and soon.
+    with pytest.raises((PublishError, BrokerUnavailable, QueueNotFound)):
+        fill_queue(cfg, qs, items, run_id=run_id, on_progress=on_progress)
+    assert deleted
+    assert time.monotonic() - start < 20.0
+
+
+def test_a_consumer_taking_messages_during_the_fill_is_an_error(
     cfg: BrokerConfig, qs: QueueSettings, run_id: str, broker_url: str
 ) -> None:
     declare_queues(cfg, qs)
     conn = pika.BlockingConnection(pika.URLParameters(broker_url))
     try:
-        conn.channel().queue_delete(qs.name)
+        ch = conn.channel()
+        ch.basic_consume(qs.name, lambda *_: None, auto_ack=True)
+        with pytest.raises(PublishError) as info:
+            fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 100)), run_id=run_id)
     finally:
         conn.close()
-    with pytest.raises(PublishError) as info:
-        fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 10)), run_id=run_id)
-    assert "unroutable" in str(info.value) and qs.name in str(info.value)
-    assert info.value.retryable
-    marker = read_fill_marker(cfg, qs)
-    assert marker is not None and not marker.done
+    assert "1 consumer(s)" in str(info.value)
 
 
 def test_a_bad_item_stops_the_fill_and_is_reported(
