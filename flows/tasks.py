@@ -207,6 +207,12 @@ def delete_run_objects(choice: BackendChoice, namespace: str, run_id: str) -> in
     return make_backend(choice).delete_run(namespace=namespace, run_id=run_id)
 
 
+@task(name="purge-results", **RETRIES)
+def purge_results(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> int:
+    """Remove the run's outcome records from the results queue once the ledger is saved."""
+    return broker_io.purge_results(cfg, qs)
+
+
 @task(name="delete-queues", **RETRIES)
 def delete_queues(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> None:
     """Delete the work, dead-letter, results and fill-marker queues."""

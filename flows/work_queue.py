@@ -52,7 +52,9 @@ from flows.params import CleanupParams, JobParams, QueueParams, default_items, j
 
 TABLE_ROW_CAP = 500
 LOCAL_IMAGE = "localhost/queuejob:local"
-FAULT_ENV = "QUEUEJOB_FAULT"  # fault injection for tests: "crash-after-create-job"
+# Fault injection for tests, on a flow run's first attempt only: "crash-after-create-job", or
+# "crash-after-wait" (the Job is done and its records read, the ledger not yet saved).
+FAULT_ENV = "QUEUEJOB_FAULT"
 
 
 def _run_id() -> str:
@@ -133,7 +135,9 @@ def wait_for_job(
     """Wait for the Job to be decided while the results queue feeds the ledger.
 
     The ledger and findings are the flow's own objects, filled in place, so a retry of this task
-    keeps what an earlier attempt already took from the results queue.
+    keeps what an earlier attempt already took from the results queue. The records stay in the
+    queue (unacknowledged) until the flow has saved the ledger, so a flow run that dies before
+    then and is retried reads them all again; the ledger takes each record once.
     """
     logger = get_run_logger()
     backend = tasks.make_backend(choice)
@@ -351,6 +355,8 @@ def run_work_queue(
         timeout_seconds,
         quote(findings),
     )
+    if os.environ.get(FAULT_ENV) == "crash-after-wait" and runtime_flow_run.run_count <= 1:
+        raise RuntimeError("fault injection: crash after the wait (first attempt only)")
 
     # --- after: what is left, what died, what the ledger says --------------------------------
     depths = broker_io.queue_depths(cfg, qs)
@@ -444,6 +450,8 @@ def run_work_queue(
             tasks.delete_run_objects(choice, spec.namespace, run_id)
         if cleanup.delete_queues:
             tasks.delete_queues(cfg, qs)
+        else:  # the ledger is saved: the outcome records have served (see ResultsConsumer)
+            tasks.purge_results(cfg, qs)
     caveats.enforce(findings, caveat_policy)
     return report
 

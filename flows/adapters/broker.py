@@ -727,12 +727,21 @@ def _management_queue(cfg: BrokerConfig, queue: str) -> dict[str, Any] | None:
 
 def purge_work_queue(cfg: BrokerConfig, qs: QueueSettings) -> int:
     """Remove the work queue's ready messages (unacked ones stay); return how many."""
+    return _purge(cfg, qs.name)
+
+
+def purge_results(cfg: BrokerConfig, qs: QueueSettings) -> int:
+    """Remove the outcome records from ``<name>.results`` once a run's ledger is saved."""
+    return _purge(cfg, qs.results_name)
+
+
+def _purge(cfg: BrokerConfig, queue: str) -> int:
     with _session(cfg) as conn:
         ch = conn.channel()
         try:
-            return int(ch.queue_purge(qs.name).method.message_count)
+            return int(ch.queue_purge(queue).method.message_count)
         except pex.ChannelClosedByBroker as exc:
-            raise _channel_error(exc, cfg, qs.name) from None
+            raise _channel_error(exc, cfg, queue) from None
 
 
 # --- fill marker -------------------------------------------------------------------------------
@@ -1328,20 +1337,25 @@ def _header_str(value: Any) -> str | None:
 class ResultsConsumer:
     """Reads outcome records from ``<name>.results`` while the flow waits for the Job.
 
-    Use as a context manager. `drain` returns this run's records and acknowledges every
-    message it looked at: records of other runs are acknowledged too (counted in `foreign`, so
-    an old run's leftovers cannot clog the queue), and messages that are not outcome records
-    are acknowledged and counted in `malformed`. If the connection drops, `drain` reconnects
-    once; records not yet returned are redelivered, so none is lost.
+    Use as a context manager. `drain` returns this run's records and leaves them
+    unacknowledged: they go back to the queue when the consumer closes, so a flow run that dies
+    before its ledger is written loses none, and its retry reads them all again. The flow
+    removes them with `purge_results` once the ledger is saved. So a consumer takes every
+    record the broker has for it (no prefetch limit), and a reconnect, or a retried wait,
+    sees the records it already returned again: the ledger drops such duplicates.
+
+    Records of other runs are acknowledged (counted in `foreign`, so an old run's leftovers
+    cannot clog the queue), and so are messages that are not outcome records (`malformed`). If
+    the connection drops, `drain` reconnects once.
     """
 
     def __init__(
-        self, cfg: BrokerConfig, qs: QueueSettings, *, run_id: str, prefetch: int = 1000
+        self, cfg: BrokerConfig, qs: QueueSettings, *, run_id: str, prefetch: int = 0
     ) -> None:
         self.cfg = cfg
         self.qs = qs
         self.run_id = run_id
-        self.prefetch = max(1, min(prefetch, 65535))
+        self.prefetch = max(0, min(prefetch, 65535))  # 0: no limit
         self.foreign = 0
         self.malformed = 0
         self._conn: Any = None
@@ -1409,27 +1423,25 @@ class ResultsConsumer:
             before = len(self._buffer)
             conn.process_data_events(time_limit=0)
         records: list[OutcomeRecord] = []
-        last_tag = None
         taken = 0
         while self._buffer and taken < max_records:
             tag, body = self._buffer.popleft()
-            last_tag = tag
             taken += 1
             try:
                 record = OutcomeRecord.from_json(body)
             except (ValueError, TypeError):
                 self.malformed += 1
+                self._channel.basic_ack(tag)
                 continue
             if record.run_id != self.run_id:
                 self.foreign += 1
+                self._channel.basic_ack(tag)
                 continue
-            records.append(record)
-        if last_tag is not None:
-            self._channel.basic_ack(last_tag, multiple=True)
+            records.append(record)  # left unacknowledged until purge_results
         return records
 
     def close(self) -> None:
-        """Close the connection; messages delivered but not returned by `drain` are requeued."""
+        """Close the connection; this run's records go back to the queue."""
         conn, self._conn, self._channel = self._conn, None, None
         self._buffer.clear()
         _close_quietly(conn)
@@ -1454,6 +1466,7 @@ __all__ = [
     "declare_queues",
     "delete_queues",
     "fill_queue",
+    "purge_results",
     "purge_work_queue",
     "queue_depths",
     "read_fill_marker",

@@ -145,12 +145,24 @@ class Ledger:
     no_work_pods: int = 0
     foreign_records: int = 0
     records: int = 0
+    duplicate_records: int = 0
+    # Hashes of the records taken: the results queue hands a record over again after a
+    # reconnect or a retried wait (records stay unacknowledged until the ledger is saved), and
+    # a worker may publish one twice; a record equal in every field, its timestamp included,
+    # is the same report.
+    _seen: set[int] = field(default_factory=set, repr=False)
 
     def add(self, record: OutcomeRecord) -> ItemOutcome | None:
-        """Take one record; records of other runs are counted and ignored."""
+        """Take one record; records of other runs are counted and ignored, and so are
+        records already taken."""
         if record.run_id != self.run_id:
             self.foreign_records += 1
             return None
+        key = hash(record)
+        if key in self._seen:
+            self.duplicate_records += 1
+            return None
+        self._seen.add(key)
         self.records += 1
         if record.status == NO_WORK or record.item_id is None:
             self.no_work_pods += 1

@@ -36,9 +36,9 @@ def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-d
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def work_depth(broker_url: str, queue: str) -> int:
+def work_depth(broker_url: str, queue: str, which: str = "work") -> int:
     cfg = broker_io.BrokerConfig(url=broker_url)
-    return broker_io.queue_depths(cfg, broker_io.QueueSettings(name=queue))["work"].ready
+    return broker_io.queue_depths(cfg, broker_io.QueueSettings(name=queue))[which].ready
 
 
 def test_docs_eight_items_all_succeed_once(flow_env: dict[str, str], queue_name: str) -> None:
@@ -117,6 +117,30 @@ def test_poison_item_is_dead_lettered_while_the_rest_succeed(
     # x-delivery-limit=3 allows 3 redeliveries: 4 attempts, then the dead-letter queue.
     assert fig["attempts"] == 4
     assert "bad fig" in fig["error_tail"]
+
+
+def test_crash_after_the_wait_then_retry_keeps_every_record(
+    flow_env: dict[str, str], queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt read all eight outcome records, then died before saving its ledger.
+    The records stayed in the results queue, so the retry's ledger is whole; once it is
+    saved, the records are purged."""
+    monkeypatch.setenv("QUEUEJOB_FAULT", "crash-after-wait")
+    retrying = run_work_queue.with_options(retries=1, retry_delay_seconds=0)
+    report = retrying(**local_kwargs(queue_name))
+    s = report["summary"]
+    assert (s["succeeded"], s["attempts"], s["left"], s["processed_more_than_once"]) == (
+        8,
+        8,
+        0,
+        0,
+    )
+    assert "ledger-short" not in codes(report)
+    rows = Path(report["ledger_path"]).read_text().splitlines()
+    ledger_rows = [json.loads(r) for r in rows]
+    assert len({r["item_id"] for r in ledger_rows}) == len(DOCS_ITEMS) == len(ledger_rows)
+    assert {r["status"] for r in ledger_rows} == {"succeeded"}
+    assert work_depth(flow_env["QUEUEJOB_BROKER_URL"], queue_name, "results") == 0
 
 
 def test_crash_after_create_job_then_retry_adopts_the_job(

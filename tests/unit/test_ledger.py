@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from typing import Any
@@ -27,9 +28,14 @@ from flows.core.ledger import (
 RUN = "run-1"
 
 
+_clock = itertools.count(1)
+
+
 def rec(
     item: str | None, status: str = SUCCEEDED, *, index: int | None = None, **kw: Any
 ) -> OutcomeRecord:
+    """A record of its own attempt: a worker stamps each report with the time (``ts``)."""
+    kw.setdefault("ts", float(next(_clock)))
     return OutcomeRecord(run_id=RUN, status=status, item_id=item, index=index, **kw)
 
 
@@ -133,6 +139,19 @@ def test_last_record_is_the_most_informative() -> None:
     later = rec("b", FAILED, pod="p4", exit_code=3)
     ledger.add(later)
     assert ledger.items["b"].last == later
+
+
+def test_a_record_taken_twice_counts_once() -> None:
+    """The results queue hands records over again after a reconnect or a retried wait."""
+    ledger = Ledger(RUN, expected=2)
+    first, second = rec("a", FAILED, pod="p1", exit_code=3), rec("a", pod="p2")
+    ledger.add_all([first, second, first, second, replace(first)])
+    entry = ledger.items["a"]
+    assert (entry.attempts, entry.failures, entry.successes) == (2, 1, 1)
+    assert (ledger.records, ledger.duplicate_records) == (2, 3)
+    # The same report from another attempt differs at least in its timestamp.
+    assert ledger.add(replace(second, ts=second.ts + 0.001)) is not None
+    assert ledger.items["a"].successes == 2
 
 
 # --- foreign records, no-work records ---------------------------------------------------------
