@@ -356,6 +356,18 @@ def _translate_connect_error(
     exc: BaseException, cfg: BrokerConfig, timeout_s: float | None = None
 ) -> QueueJobError:
     where = cfg.describe()
+    if isinstance(exc, pex.ProbableAccessDeniedError | pex.ProbableAuthenticationError) and (
+        "ConnectionClosedByBroker" not in str(exc)
+    ):
+        # pika guesses "probable" refusals from the handshake stage at which the connection
+        # ended. Only a Connection.Close from the broker is a refusal; a dropped socket is not
+        # (a broker that is still booting resets connections mid-handshake): retry.
+        err = BrokerUnavailable(
+            f"broker at {where} dropped the connection during the AMQP handshake "
+            f"({_cause(exc, cfg)}); it may be starting or restarting"
+        )
+        err.detail = _cause(exc, cfg)  # type: ignore[attr-defined]
+        return err
     if isinstance(exc, pex.ProbableAccessDeniedError):
         return BrokerAuthError(
             f"broker at {where} refused user {cfg.username!r} access to the vhost "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -120,6 +123,59 @@ def test_bad_credentials_fail_after_one_attempt(broker_url: str) -> None:
     message = str(info.value)
     assert "'guest'" in message and f"{cfg.host}:{cfg.port}" in message
     assert "ACCESS_REFUSED" in message
+    assert PASSWORD not in _chain_text(info.value)
+
+
+@pytest.fixture
+def resetting_port() -> Iterator[int]:
+    """An AMQP server that sends Connection.Start, reads the client's Start-Ok (the
+    credentials) and then resets the socket, as a booting RabbitMQ may."""
+    from pika import frame, spec
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    start = frame.Method(
+        0, spec.Connection.Start(server_properties={}, mechanisms="PLAIN", locales="en_US")
+    ).marshal()
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(8)  # the protocol header
+                    conn.sendall(start)
+                    conn.recv(4096)  # Start-Ok
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+
+
+def test_a_reset_during_the_handshake_is_retried_not_an_auth_error(resetting_port: int) -> None:
+    """pika calls this a probable authentication error; it is not one, the broker said nothing."""
+    cfg = BrokerConfig(f"amqp://app:{PASSWORD}@127.0.0.1:{resetting_port}/", connect_timeout_s=1)
+    attempts: list[int] = []
+    with pytest.raises(BrokerUnavailable) as info:
+        wait_for_broker(
+            cfg, deadline_s=1.0, base_delay_s=0.05, on_attempt=lambda n, _e: attempts.append(n)
+        )
+    assert len(attempts) >= 2, "retried, not given up after one attempt"
+    assert info.value.retryable
+    assert "reset by peer" in str(info.value)  # the last cause, named
     assert PASSWORD not in _chain_text(info.value)
 
 
