@@ -32,6 +32,15 @@ def _publish(url: str, queue: str, bodies: list[bytes]) -> None:
         conn.close()
 
 
+def _take(consumer: ResultsConsumer, n: int, timeout_s: float = 10.0) -> list[OutcomeRecord]:
+    """Drain until `n` records have come (or the deadline passed); return them."""
+    got: list[OutcomeRecord] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n and time.monotonic() < deadline:
+        got += consumer.drain(max_wait_s=0.5)
+    return got
+
+
 def test_drain_returns_this_runs_records_and_counts_the_rest(
     cfg: BrokerConfig, qs: QueueSettings, broker_url: str
 ) -> None:
@@ -52,23 +61,13 @@ def test_drain_returns_this_runs_records_and_counts_the_rest(
     ]
     _publish(broker_url, qs.results_name, bodies)
     with ResultsConsumer(cfg, qs, run_id="run-1") as consumer:
-        got = consumer.drain(max_wait_s=5)
-        while len(got) < 3:
-            more = consumer.drain(max_wait_s=2)
-            assert more, "records went missing"
-            got += more
-        assert got == mine
+        assert _take(consumer, 3) == mine
         assert (consumer.foreign, consumer.malformed) == (2, 1)
     # Other runs' records and malformed messages were acknowledged; this run's records go back
     # to the queue until the flow has saved its ledger and purges them.
     assert ready_count(broker_url, qs.results_name) == 3
     with ResultsConsumer(cfg, qs, run_id="run-1") as consumer:
-        again = consumer.drain(max_wait_s=5)
-        while len(again) < 3:
-            more = consumer.drain(max_wait_s=2)
-            assert more, "records went missing"
-            again += more
-        assert sorted(again, key=repr) == sorted(mine, key=repr)
+        assert sorted(_take(consumer, 3), key=repr) == sorted(mine, key=repr)
         assert (consumer.foreign, consumer.malformed) == (0, 0)
     assert purge_results(cfg, qs) == 3
     assert ready_count(broker_url, qs.results_name) == 0
@@ -106,11 +105,7 @@ def test_drain_waits_at_most_max_wait_and_respects_max_records(
         _publish(broker_url, qs.results_name, [r.to_json() for r in records])
         first = consumer.drain(max_wait_s=5, max_records=2)
         assert first == records[:2]
-        rest: list[OutcomeRecord] = []
-        deadline = time.monotonic() + 5
-        while len(rest) < 3 and time.monotonic() < deadline:
-            rest += consumer.drain(max_wait_s=0.5)
-        assert rest == records[2:]
+        assert _take(consumer, 3) == records[2:]
 
 
 def test_every_record_is_redelivered_after_close(
@@ -124,8 +119,5 @@ def test_every_record_is_redelivered_after_close(
     # The one returned and the three prefetched but never returned are all back in the queue:
     # a flow that dies before saving its ledger loses none.
     with ResultsConsumer(cfg, qs, run_id="run-1") as consumer:
-        got: list[OutcomeRecord] = []
-        deadline = time.monotonic() + 5
-        while len(got) < 4 and time.monotonic() < deadline:
-            got += consumer.drain(max_wait_s=0.5)
+        got = _take(consumer, 4)
     assert sorted(got, key=repr) == records
