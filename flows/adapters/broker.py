@@ -929,13 +929,18 @@ def _check_filled(
     if added == confirmed:
         return
     consumers = int(ok.consumer_count)
-    why = (
-        f"{consumers} consumer(s) are attached to it and may have taken messages: stop them "
-        "(an earlier run's pods?) and retry the fill"
-        if consumers
-        else "the queue was deleted and declared again during the fill, or a length limit or "
-        "message TTL policy dropped messages: check the queue's policies and retry the fill"
-    )
+    if added > confirmed:
+        why = "something else published into it during the fill: stop it and retry the fill"
+    elif consumers:
+        why = (
+            f"{consumers} consumer(s) are attached to it and may have taken messages: stop "
+            "them (an earlier run's pods?) and retry the fill"
+        )
+    else:
+        why = (
+            "the queue was deleted and declared again during the fill, or a length limit or "
+            "message TTL policy dropped messages: check the queue's policies and retry the fill"
+        )
     raise PublishError(
         f"the broker at {cfg.describe()} confirmed {confirmed} messages of the fill of queue "
         f"{qs.name!r}, but the queue gained {added} (it held {before} before the fill); {why}"

@@ -245,6 +245,35 @@ def test_a_fill_the_queue_does_not_keep_entirely_is_an_error(
     assert "length limit" in message and info.value.retryable
 
 
+def test_another_publisher_during_the_fill_is_an_error(
+    cfg: BrokerConfig, qs: QueueSettings, run_id: str, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    published: list[int] = []
+
+    def on_progress(_confirmed: int) -> None:
+        if not published:
+            published.append(1)
+            conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+            try:
+                ch = conn.channel()
+                ch.confirm_delivery()
+                ch.basic_publish("", qs.name, b"stray", pika.BasicProperties(delivery_mode=2))
+            finally:
+                conn.close()
+
+    with pytest.raises(PublishError) as info:
+        fill_queue(
+            cfg,
+            qs,
+            iter_items(ItemSource.int_range(0, 2_000)),
+            run_id=run_id,
+            on_progress=on_progress,
+        )
+    assert published
+    assert "gained 2001" in str(info.value) and "something else published" in str(info.value)
+
+
 def test_a_quorum_queue_deleted_during_the_fill_ends_it_by_the_confirm_watchdog(
     cfg: BrokerConfig,
     qs: QueueSettings,
