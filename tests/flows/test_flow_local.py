@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -162,6 +163,24 @@ def test_crash_after_create_job_then_retry_adopts_the_job(
     )
 
 
+def _read_available(stream: Any) -> str:
+    """What a pipe holds now, without waiting for its end: the run's pods keep it open."""
+    if stream is None:
+        return ""
+    fd = stream.fileno()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
     flow_env: dict[str, str], queue_name: str, tmp_path: Path
 ) -> None:
@@ -179,7 +198,12 @@ def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    wait_for(lambda: not pids_with_env_marker(queue_name), 30, "pods to be gone")
+    printed = _read_available(proc.stdout)
+    try:
+        wait_for(lambda: not pids_with_env_marker(queue_name), 30, "pods to be gone")
+    except AssertionError as exc:  # say what the run did: did its crash hook run?
+        raise AssertionError(f"{exc}; the run printed:\n{printed[-4000:]}") from None
+    assert "deleted 1 Job(s)" in printed, printed[-4000:]
     state_dir = Path(flow_env["QUEUEJOB_STATE_DIR"])
     leftovers = [p for p in state_dir.rglob("*.json")] if state_dir.exists() else []
     assert not [p for p in leftovers if json.loads(p.read_text()).get("kind") == "Job"]
