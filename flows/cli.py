@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any
 
@@ -295,6 +296,21 @@ def cmd_render(args: argparse.Namespace, command: list[str]) -> int:
     return 0
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM end the process as an exception does, so its exit handlers run.
+
+    Prefect turns a SIGTERM during a flow run into a crash (the crash hook deletes the Job),
+    then hands the signal to the handler that was there before. With the default one the
+    process dies at once, and the temporary Prefect API server started for a run without
+    ``PREFECT_API_URL`` is left running: it is stopped by an exit handler.
+    """
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `queuejob` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -323,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("worker", help="the pod program (see `queuejob worker --help`)")
     args = parser.parse_args(argv)
+    if args.cmd in ("run", "demo"):
+        _exit_cleanly_on_sigterm()
     if args.cmd == "run":
         return cmd_run(args, command)
     if args.cmd == "demo":

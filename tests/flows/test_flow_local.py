@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -163,22 +164,27 @@ def test_crash_after_create_job_then_retry_adopts_the_job(
     )
 
 
-def _read_available(stream: Any) -> str:
-    """What a pipe holds now, without waiting for its end: the run's pods keep it open."""
+def _read_to_end(stream: Any, timeout_s: float) -> tuple[str, bool]:
+    """Read a pipe until every process holding it has closed it, or until the deadline.
+
+    Returns the text and whether the end was reached: a process the run left behind (a pod, a
+    temporary Prefect server) keeps the pipe open.
+    """
     if stream is None:
-        return ""
+        return "", True
     fd = stream.fileno()
     os.set_blocking(fd, False)
     chunks: list[bytes] = []
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            break
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if not ready:
+            continue
+        data = os.read(fd, 65536)
         if not data:
-            break
+            return b"".join(chunks).decode(errors="replace"), True
         chunks.append(data)
-    return b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace"), False
 
 
 def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
@@ -198,12 +204,16 @@ def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    printed = _read_available(proc.stdout)
+    # Every process that shares the run's stdout is gone (the pods, the supervisors, the
+    # temporary Prefect API server the run started), so the pipe ends.
+    printed, ended = _read_to_end(proc.stdout, 30)
     try:
         wait_for(lambda: not pids_with_env_marker(queue_name), 30, "pods to be gone")
     except AssertionError as exc:  # say what the run did: did its crash hook run?
         raise AssertionError(f"{exc}; the run printed:\n{printed[-4000:]}") from None
     assert "deleted 1 Job(s)" in printed, printed[-4000:]
+    assert ended, "a process the run started still holds its stdout (a Prefect server?)"
+    assert proc.returncode == 128 + signal.SIGTERM
     state_dir = Path(flow_env["QUEUEJOB_STATE_DIR"])
     leftovers = [p for p in state_dir.rglob("*.json")] if state_dir.exists() else []
     assert not [p for p in leftovers if json.loads(p.read_text()).get("kind") == "Job"]
