@@ -26,6 +26,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pika
 
@@ -59,14 +60,17 @@ def _sizes(quick: bool) -> tuple[int, int, int]:
 # --- queues ------------------------------------------------------------------------------------
 
 
-def _declare_plain(cfg: broker_io.BrokerConfig, name: str, queue_type: str = "classic") -> None:
-    """A durable queue with no other arguments: ``amqp-declare-queue -d -q NAME`` (classic)."""
+def _declare(cfg: broker_io.BrokerConfig, name: str, arguments: dict[str, Any] | None) -> None:
     conn = broker_io.connect(cfg)
     try:
-        arguments = {"x-queue-type": queue_type} if queue_type != "classic" else None
         conn.channel().queue_declare(name, durable=True, arguments=arguments)
     finally:
         conn.close()
+
+
+def _declare_plain(cfg: broker_io.BrokerConfig, name: str, queue_type: str = "classic") -> None:
+    """A durable queue with no other arguments: ``amqp-declare-queue -d -q NAME`` (classic)."""
+    _declare(cfg, name, {"x-queue-type": queue_type} if queue_type != "classic" else None)
 
 
 def _settings(name: str, queue_type: str) -> broker_io.QueueSettings:
@@ -79,12 +83,7 @@ def _settings(name: str, queue_type: str) -> broker_io.QueueSettings:
 
 def _declare_like_queuejob(cfg: broker_io.BrokerConfig, name: str, queue_type: str) -> None:
     """A durable queue with the arguments queuejob gives its work queue of this type."""
-    conn = broker_io.connect(cfg)
-    try:
-        arguments = broker_io.work_queue_arguments(_settings(name, queue_type))
-        conn.channel().queue_declare(name, durable=True, arguments=arguments)
-    finally:
-        conn.close()
+    _declare(cfg, name, broker_io.work_queue_arguments(_settings(name, queue_type)))
 
 
 def _depth(cfg: broker_io.BrokerConfig, name: str) -> int:
@@ -199,15 +198,22 @@ def fill_c_client(
             _declare_like_queuejob(cfg, name, queue_type)
         argv = [*_amqp_args(tool, cfg, auth), "-r", name, "-p", "-l"]
         with lines.open("rb") as stdin:
-            start = time.perf_counter()
-            res = subprocess.run(argv, stdin=stdin, capture_output=True, timeout=600)
-            elapsed = time.perf_counter() - start
-        if res.returncode != 0:
-            raise BenchError(f"amqp-publish -l failed ({res.returncode}): {res.stderr[-300:]!r}")
-        _expect_depth(cfg, name, n, "amqp-publish -l")
-        return elapsed
+            return _timed_fill(cfg, name, n, "amqp-publish -l", argv, stdin=stdin, timeout=600)
     finally:
         _delete(cfg, name)
+
+
+def _timed_fill(
+    cfg: broker_io.BrokerConfig, name: str, n: int, what: str, argv: list[str], **run: Any
+) -> float:
+    """Seconds for a command that fills queue ``name``, which must then hold ``n`` messages."""
+    start = time.perf_counter()
+    res = subprocess.run(argv, capture_output=True, **run)
+    elapsed = time.perf_counter() - start
+    if res.returncode != 0:
+        raise BenchError(f"{what} failed ({res.returncode}): {res.stderr[-300:]!r}")
+    _expect_depth(cfg, name, n, what)
+    return elapsed
 
 
 def fill_docs_loop(cfg: broker_io.BrokerConfig, tool: str, auth: Path, n: int) -> float:
@@ -230,13 +236,9 @@ def fill_docs_loop(cfg: broker_io.BrokerConfig, tool: str, auth: Path, n: int) -
     }
     try:
         _declare_like_queuejob(cfg, name, "classic")
-        start = time.perf_counter()
-        res = subprocess.run(["sh", "-c", script], env=env, capture_output=True, timeout=900)
-        elapsed = time.perf_counter() - start
-        if res.returncode != 0:
-            raise BenchError(f"the docs' loop failed ({res.returncode}): {res.stderr[-300:]!r}")
-        _expect_depth(cfg, name, n, "the docs' loop")
-        return elapsed
+        return _timed_fill(
+            cfg, name, n, "the docs' loop", ["sh", "-c", script], env=env, timeout=900
+        )
     finally:
         _delete(cfg, name)
 

@@ -26,8 +26,15 @@ FAIL_ON_POISON = [
 ]
 
 
-def wait_until(check: Callable[[], T], *, timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+def wait_until(
+    check: Callable[[], T],
+    *,
+    timeout: float = 10.0,
+    what: str = "condition",
+    every: float = 0.05,
+) -> T:
+    """Poll `check` every `every` seconds until it returns something truthy; fail after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -35,7 +42,7 @@ def wait_until(check: Callable[[], T], *, timeout: float = 10.0, what: str = "co
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def ready_count(url: str, queue: str) -> int:

@@ -11,20 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pika
 import pika.exceptions as pex
 
-from tests.broker.support import drain_messages
-
-T = TypeVar("T")
+from tests.broker.support import drain_messages, wait_until
 
 # The broker user of every run in this suite: a password that is easy to find if it leaks.
 BROKER_USER = "queuejob-rel"
@@ -33,16 +30,8 @@ BROKER_PASSWORD = "s3cr3t-P4ss-queuejob"
 DOCS_ITEMS = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
 
 
-def wait_for(check: Callable[[], T], *, timeout: float, what: str, every: float = 0.1) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
+# Poll a condition with a deadline: the broker tests' helper, under the name this suite uses.
+wait_for = wait_until
 
 
 def queue_exists(url: str, name: str) -> bool:
@@ -58,15 +47,6 @@ def queue_exists(url: str, name: str) -> bool:
     finally:
         if conn.is_open:
             conn.close()
-
-
-def ready_count(url: str, name: str) -> int:
-    """Ready messages in a queue."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        return int(conn.channel().queue_declare(name, passive=True).method.message_count)
-    finally:
-        conn.close()
 
 
 def take_message_ids(url: str, name: str, *, expect: int, timeout: float = 60.0) -> list[str]:

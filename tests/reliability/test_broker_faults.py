@@ -16,6 +16,7 @@ from flows.adapters import broker as broker_io
 from flows.core.errors import BrokerUnavailable
 from flows.core.items import ItemSource
 from flows.work_queue import run_work_queue
+from tests.broker.support import ready_count
 from tests.reliability.conftest import RelEnv
 from tests.reliability.private_broker import PrivateBroker, free_port
 from tests.reliability.support import (
@@ -26,7 +27,6 @@ from tests.reliability.support import (
     ledger_rows,
     local_kwargs,
     queue_exists,
-    ready_count,
     record,
     take_message_ids,
     wait_for,

@@ -25,12 +25,12 @@ import pytest
 from flows.adapters.local_jobs import LocalBackend
 from flows.core.manifest import RUN_ID_LABEL
 from flows.work_queue import run_work_queue
+from tests.broker.support import ready_count
 from tests.reliability.conftest import RelEnv
 from tests.reliability.support import (
     DOCS_ITEMS,
     Witness,
     ledger_rows,
-    ready_count,
     record,
     wait_for,
 )
