@@ -111,19 +111,32 @@ class RunMonitor:
         self.ledger.add_all(records)
         return len(records)
 
-    def drain_until_quiet(self, *, quiet_s: float = 1.0, cap_s: float = 10.0) -> None:
+    def drain_until_quiet(
+        self, *, quiet_s: float = 1.0, cap_s: float = 10.0, broker_wait_s: float = 120.0
+    ) -> None:
         """After the Job ended: take records until every item is accounted for, or none came
-        for `quiet_s` (capped at `cap_s`)."""
+        for `quiet_s` (capped at `cap_s`). A broker that is away (restarting) is waited for up
+        to `broker_wait_s`, as during the wait: the records are in its queue, and the cap
+        counts from when it answers again."""
         deadline = time.monotonic() + cap_s
         last_new = time.monotonic()
+        broker_deadline = time.monotonic() + broker_wait_s
         while time.monotonic() < deadline:
-            if self.drain(max_wait_s=0.2):
+            try:
+                if self.drain(max_wait_s=0.2):
+                    last_new = time.monotonic()
+                if self._succeeded() + self.dead_delta >= self.ledger.expected:
+                    return
+                if time.monotonic() - last_new >= quiet_s:
+                    return
+                self._refresh_depth()
+            except BrokerUnavailable as exc:
+                if time.monotonic() >= broker_deadline:
+                    raise
+                self._lost_broker(exc)
+                time.sleep(1.0)  # each drain retries the connection; no faster than this
+                deadline = time.monotonic() + cap_s
                 last_new = time.monotonic()
-            if self._succeeded() + self.dead_delta >= self.ledger.expected:
-                return
-            if time.monotonic() - last_new >= quiet_s:
-                return
-            self._refresh_depth()
 
     def _succeeded(self) -> int:
         return sum(1 for e in self.ledger.items.values() if e.fate == FATE_SUCCEEDED)
