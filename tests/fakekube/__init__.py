@@ -1,4 +1,4 @@
-"""A fake Kubernetes API server for tests, held to the recorded traces in ``shared/k8s-traces``.
+"""A fake Kubernetes API server for tests, held to the recorded traces in ``tests/kube/traces``.
 
     from tests.fakekube import FakeKubeServer
 

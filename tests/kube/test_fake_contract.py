@@ -1,4 +1,4 @@
-"""The fake API server held to the recorded v1.32 traces (``shared/k8s-traces``).
+"""The fake API server held to the recorded v1.32 traces (``tests/kube/traces``).
 
 Each test replays a recorded exchange (the same method, path, headers and body) against the fake
 and compares what can be compared: status codes, Status bodies (reason, message with names
@@ -6,8 +6,7 @@ substituted, details, causes), defaulted fields, key order, condition sequences,
 sequences and deletion behaviour. Timings are shorter (pod back-off 0.2 s) but orders are the
 same. When the traces and the fake disagree, the traces win.
 
-The traces live next to the checkout (``<repo>/../shared/k8s-traces``). Without them these tests
-skip locally and fail in CI.
+The traces are test data kept in the repository (``tests/kube/traces``, with their README).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -26,10 +24,10 @@ import pytest
 
 from tests.fakekube import FakeKubeServer
 from tests.fakekube.rawhttp import Reply, WatchRecord, WatchRecorder, call, wait_until
+from tests.kube import TRACES
 
 pytestmark = pytest.mark.kube
 
-TRACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "k8s-traces"
 SA_USER = "system:serviceaccount:default:queuejob-noperms"
 SA_TOKEN = "sa-token-queuejob-noperms"
 CONDITION_KEYS = ["type", "status", "lastProbeTime", "lastTransitionTime", "reason", "message"]
@@ -39,14 +37,8 @@ CONDITION_KEYS = ["type", "status", "lastProbeTime", "lastTransitionTime", "reas
 
 
 def _traces_dir() -> Path:
-    if not TRACES.is_dir():
-        message = (
-            f"the recorded Kubernetes traces are missing: expected the folder {TRACES.resolve()} "
-            "(a 'shared/k8s-traces' folder next to the checkout)"
-        )
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+    if not (TRACES / "README.md").is_file():
+        pytest.fail(f"the recorded Kubernetes traces are missing from the checkout: {TRACES}")
     return TRACES
 
 

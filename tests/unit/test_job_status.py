@@ -1,13 +1,11 @@
 """Job phase from status, checked against Job objects a real v1.32 control plane returned.
 
-The recorded traces live in the shared ``k8s-traces`` folder beside the checkout. Locally a missing
-folder skips these tests with a reason; in CI (CI=true) it is a failure.
+The recorded traces are test data kept in the repository (``tests/kube/traces``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +13,7 @@ from typing import Any
 import pytest
 
 from flows.core.job_status import JobCounts, JobPhase, JobState, job_state
-
-TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "k8s-traces"
+from tests.kube import TRACES
 
 P, R, S, OK, F = (
     JobPhase.PENDING,
@@ -29,12 +26,9 @@ P, R, S, OK, F = (
 
 @pytest.fixture(scope="module")
 def traces() -> Path:
-    """The recorded traces folder, or a skip (a failure in CI) when it is not there."""
+    """The recorded traces folder (a failure when the checkout lacks it)."""
     if not (TRACES / "README.md").is_file():
-        message = f"recorded Kubernetes traces not found at {TRACES}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"the recorded Kubernetes traces are missing from the checkout: {TRACES}")
     return TRACES
 
 
