@@ -155,7 +155,7 @@ def _direct_run(queue: str, items: list[str], *, parallelism: int, idle_timeout_
     stored = backend.read_job(namespace=handle.namespace, name=handle.name) or {}
     span = _pod_span_s(stored)
     backend.delete_run(namespace=handle.namespace, run_id=run_id)
-    broker_io.delete_queues(cfg, qs)
+    broker_io.delete_queues(cfg, qs, only_if_empty=False)
     wall = time.perf_counter() - start
     return {
         "wall_s": wall,

@@ -96,7 +96,7 @@ def _depth(cfg: broker_io.BrokerConfig, name: str) -> int:
 
 def _delete(cfg: broker_io.BrokerConfig, name: str) -> None:
     with contextlib.suppress(Exception):
-        broker_io.delete_queues(cfg, broker_io.QueueSettings(name=name))
+        broker_io.delete_queues(cfg, broker_io.QueueSettings(name=name), only_if_empty=False)
 
 
 def _expect_depth(

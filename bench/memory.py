@@ -55,7 +55,7 @@ def measure_fill(ctx: Context, path: Path, n: int) -> dict[str, float]:
         )
     finally:
         with contextlib.suppress(Exception):
-            broker_io.delete_queues(cfg, broker_io.QueueSettings(name=name))
+            broker_io.delete_queues(cfg, broker_io.QueueSettings(name=name), only_if_empty=False)
     if out["confirmed"] != n:
         raise BenchError(f"the fill confirmed {out['confirmed']} of {n} items")
     return {

@@ -99,7 +99,7 @@ def process(
         with contextlib.suppress(Exception):
             backend.delete_run(namespace=spec.namespace, run_id=run_id)
         with contextlib.suppress(Exception):
-            broker_io.delete_queues(cfg, qs)
+            broker_io.delete_queues(cfg, qs, only_if_empty=False)
 
 
 def run(ctx: Context) -> FigureResult:

@@ -162,7 +162,8 @@ class CleanupParams(BaseModel):
     )
     delete_queues: bool = Field(
         default=False,
-        description="Delete the work, dead-letter, results and fill queues after success.",
+        description="Delete the run's queues after success; a work or dead-letter queue that "
+        "still holds items is kept and reported.",
     )
 
 

@@ -214,6 +214,7 @@ def purge_results(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> i
 
 
 @task(name="delete-queues", **RETRIES)
-def delete_queues(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> None:
-    """Delete the work, dead-letter, results and fill-marker queues."""
-    broker_io.delete_queues(cfg, qs)
+def delete_queues(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> dict[str, int]:
+    """Delete the run's queues, keeping a work or dead-letter queue that still holds items
+    (returned: name -> messages held)."""
+    return broker_io.delete_queues(cfg, qs)

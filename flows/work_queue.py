@@ -392,6 +392,15 @@ def run_work_queue(
         for row in ledger.rows():
             fh.write(json.dumps(row) + "\n")
 
+    # Queues go once the ledger is saved (the outcome records have served), before the report, so
+    # that it says which were kept: a work or dead-letter queue still holding items stays.
+    kept: dict[str, int] = {}
+    if state.phase is JobPhase.SUCCEEDED and cleanup.delete_queues:
+        kept = tasks.delete_queues(cfg, qs)
+        findings.extend(
+            caveats.check_kept_queues(queue=qs.name, dead_queue=qs.dead_name, kept=kept)
+        )
+
     report: dict[str, Any] = {
         "run_id": run_id,
         "job": name,
@@ -408,6 +417,7 @@ def run_work_queue(
         "findings": [f.as_dict() for f in findings],
         "pod_failures": pod_failures,
         "ledger_path": str(ledger_path),
+        "kept_queues": kept,
         "wall_time_s": round(time.monotonic() - started, 2),
         "labels": run_labels(run_id),
     }
@@ -448,9 +458,7 @@ def run_work_queue(
     if state.phase is JobPhase.SUCCEEDED:
         if cleanup.delete_job:
             tasks.delete_run_objects(choice, spec.namespace, run_id)
-        if cleanup.delete_queues:
-            tasks.delete_queues(cfg, qs)
-        else:  # the ledger is saved: the outcome records have served (see ResultsConsumer)
+        if not cleanup.delete_queues:  # the ledger is saved: the outcome records have served
             tasks.purge_results(cfg, qs)
     caveats.enforce(findings, caveat_policy)
     return report

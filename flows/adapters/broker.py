@@ -642,19 +642,45 @@ def declare_queues(cfg: BrokerConfig, qs: QueueSettings) -> None:
         _declare_one(conn, cfg, qs.name, work_queue_arguments(qs)).close()
 
 
-def delete_queues(cfg: BrokerConfig, qs: QueueSettings) -> None:
-    """Delete the work, dead-letter, results and fill-marker queues with their messages.
-    Queues that do not exist are skipped."""
+def delete_queues(
+    cfg: BrokerConfig, qs: QueueSettings, *, only_if_empty: bool = True
+) -> dict[str, int]:
+    """Delete the run's queues; return the queues kept, with the messages each still holds.
+
+    The results and fill-marker queues are the run's bookkeeping and always go. The work and
+    dead-letter queues hold items: with ``only_if_empty`` (the default) each is deleted only when
+    it holds no message and has no consumer, and is otherwise kept and returned, so that no item
+    is lost with its queue. ``only_if_empty=False`` deletes them with whatever they hold. Queues
+    that do not exist are skipped.
+    """
+    kept: dict[str, int] = {}
     with _session(cfg) as conn:
         for name in (qs.name, qs.dead_name, qs.results_name, qs.fill_name):
+            guarded = only_if_empty and name in (qs.name, qs.dead_name)
+            if guarded:
+                try:
+                    ok = _passive(conn, cfg, name)
+                except QueueNotFound:
+                    continue
+                if ok.message_count or ok.consumer_count:
+                    kept[name] = int(ok.message_count)
+                    continue
+            # Quorum queues refuse queue.delete with if-empty (the broker closes the connection
+            # with 540 NOT_IMPLEMENTED); classic ones take it, closing the window between the
+            # count above and the delete.
+            if_empty = guarded and (name != qs.name or qs.queue_type == "classic")
             ch = conn.channel()
             try:
-                ch.queue_delete(name)
+                ch.queue_delete(name, if_empty=if_empty)
             except pex.ChannelClosedByBroker as exc:
-                if exc.reply_code != 404:
+                if exc.reply_code == 404:
+                    continue
+                if exc.reply_code != 406 or not if_empty:
                     raise _channel_error(exc, cfg, name) from None
+                kept[name] = int(_passive(conn, cfg, name).message_count)  # filled meanwhile
                 continue
             ch.close()
+    return kept
 
 
 # --- depth -------------------------------------------------------------------------------------

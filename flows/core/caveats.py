@@ -10,7 +10,7 @@ function from numbers queuejob observed (confirmed items, queue depth, Job count
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,6 +46,7 @@ class Code(enum.StrEnum):
     AT_LEAST_ONCE = "processed-more-than-once"
     REDELIVERED_AFTER_LOST_ATTEMPT = "redelivered-after-lost-attempt"
     NO_WORK_PODS = "pods-found-no-work"
+    QUEUE_KEPT = "queue-kept"
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,3 +348,30 @@ def enforce(findings: Sequence[Finding], policy: Policy) -> None:
             f"{len(bad)} caveat finding(s) with policy 'fail':\n{lines}\n"
             "Fix them, or run with caveat_policy='warn' to report without failing."
         )
+
+
+# --- cleanup ---------------------------------------------------------------------------------
+
+
+def check_kept_queues(*, queue: str, dead_queue: str, kept: Mapping[str, int]) -> list[Finding]:
+    """Queues the cleanup kept because they still held messages (``kept``: name -> count).
+
+    Deleting them would destroy items this run did not account for as done: the leftovers of too
+    few completions, or dead letters. The problem itself is reported by its own finding
+    (items left, dead letters); this one says where the items are and that they were kept.
+    """
+    advice = {
+        queue: "its items were never processed: run again on this queue to process them, or "
+        "delete the queue by hand once you no longer need them",
+        dead_queue: "inspect or requeue the dead letters, then delete the queue by hand",
+    }
+    return [
+        Finding(
+            Code.QUEUE_KEPT,
+            Severity.INFO,
+            f"kept queue {name!r}: it holds {count} item(s)",
+            advice.get(name, "delete the queue by hand once it is no longer needed"),
+            {"queue": name, "messages": count},
+        )
+        for name, count in kept.items()
+    ]

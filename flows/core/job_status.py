@@ -41,12 +41,19 @@ class JobCounts:
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> JobCounts:
-        """Read the counters from a Job's ``status``."""
+        """Read the counters from a Job's ``status``.
+
+        Pods that have ended but are still listed in ``uncountedTerminatedPods`` (their
+        job-tracking finalizer not yet removed) count too: on 1.31+ the controller writes the
+        interim ``SuccessCriteriaMet``/``FailureTarget`` before it moves them into
+        ``succeeded``/``failed``, and a summary taken there must not contradict the items.
+        """
+        uncounted = status.get("uncountedTerminatedPods") or {}
         return cls(
             active=int(status.get("active") or 0),
             ready=int(status.get("ready") or 0),
-            succeeded=int(status.get("succeeded") or 0),
-            failed=int(status.get("failed") or 0),
+            succeeded=int(status.get("succeeded") or 0) + len(uncounted.get("succeeded") or ()),
+            failed=int(status.get("failed") or 0) + len(uncounted.get("failed") or ()),
             terminating=int(status.get("terminating") or 0),
         )
 

@@ -219,7 +219,7 @@ def test_expect_depth_rejects_a_short_queue(broker_url: str) -> None:
         with pytest.raises(BenchError, match=r"timed out after 0\.3 s waiting for 1 messages"):
             fill._expect_depth(cfg, name, 1, "nothing", timeout_s=0.3)
     finally:
-        broker_io.delete_queues(cfg, broker_io.QueueSettings(name=name))
+        broker_io.delete_queues(cfg, broker_io.QueueSettings(name=name), only_if_empty=False)
 
 
 def test_detection_latency_on_the_local_backend_is_measured_from_the_pods_exit(

@@ -22,4 +22,4 @@ def qs(cfg: BrokerConfig, queue_name: str) -> Iterator[QueueSettings]:
     settings = QueueSettings(queue_name)
     yield settings
     with contextlib.suppress(Exception):
-        delete_queues(cfg, settings)
+        delete_queues(cfg, settings, only_if_empty=False)

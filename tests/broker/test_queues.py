@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pika
 import pytest
 
@@ -94,7 +96,7 @@ def test_a_classic_queue_is_redeclared_as_is_and_one_without_its_storage_is_a_co
     classic = QueueSettings(qs.name, queue_type="classic")
     declare_queues(cfg, classic)
     declare_queues(cfg, classic)  # the broker accepts the storage arguments as equivalent
-    delete_queues(cfg, classic)
+    assert delete_queues(cfg, classic) == {}  # empty: deleted
     # The same classic queue declared without the storage arguments, as before they were asked
     # for: RabbitMQ refuses the re-declare, and the error says what differs.
     older = {
@@ -173,8 +175,8 @@ def test_missing_queues(cfg: BrokerConfig, qs: QueueSettings) -> None:
 def test_delete_is_complete_and_idempotent(cfg: BrokerConfig, qs: QueueSettings) -> None:
     declare_queues(cfg, qs)
     fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 3)), run_id="run-del")
-    delete_queues(cfg, qs)
-    delete_queues(cfg, qs)
+    assert delete_queues(cfg, qs, only_if_empty=False) == {}
+    assert delete_queues(cfg, qs, only_if_empty=False) == {}
     with pytest.raises(QueueNotFound):
         queue_depths(cfg, qs)
     # The fill marker went with them: a fresh declare starts without one.
@@ -204,3 +206,50 @@ def test_dead_letter_ids_peek_without_consuming(
     assert dead_letter_ids(cfg, qs, run_id="run-1", limit=1) == ["a"]
     assert dead_letter_ids(cfg, qs, run_id="run-3") == []
     assert queue_depths(cfg, qs)["dead"].ready == 5  # nothing was consumed
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_delete_keeps_a_work_queue_that_holds_items_and_drops_the_bookkeeping(
+    cfg: BrokerConfig, queue_name: str, queue_type: Literal["quorum", "classic"]
+) -> None:
+    qs = QueueSettings(queue_name, queue_type=queue_type)
+    declare_queues(cfg, qs)
+    try:
+        fill_queue(cfg, qs, iter_items(ItemSource.int_range(0, 3)), run_id="run-keep")
+        assert delete_queues(cfg, qs) == {qs.name: 3}
+        depths = queue_depths_of(cfg, qs.name, qs.dead_name)
+        assert depths == {qs.name: 3, qs.dead_name: None}  # the empty dead-letter queue went
+        assert delete_queues(cfg, qs) == {qs.name: 3}  # and again: still kept, nothing lost
+    finally:
+        delete_queues(cfg, qs, only_if_empty=False)
+
+
+def test_delete_keeps_a_dead_letter_queue_that_holds_dead_letters(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        conn.channel().basic_publish("", qs.dead_name, b"poison")
+    finally:
+        conn.close()
+    wait_until(lambda: queue_depths(cfg, qs)["dead"].ready == 1, what="the dead letter")
+    assert delete_queues(cfg, qs) == {qs.dead_name: 1}
+    assert queue_depths_of(cfg, qs.name, qs.dead_name) == {qs.name: None, qs.dead_name: 1}
+
+
+def queue_depths_of(cfg: BrokerConfig, *names: str) -> dict[str, int | None]:
+    """Ready messages per queue, None for a queue that does not exist."""
+    out: dict[str, int | None] = {}
+    conn = pika.BlockingConnection(pika.URLParameters(cfg.url))
+    try:
+        for name in names:
+            ch = conn.channel()
+            try:
+                out[name] = ch.queue_declare(name, passive=True).method.message_count
+                ch.close()
+            except pika.exceptions.ChannelClosedByBroker:
+                out[name] = None
+    finally:
+        conn.close()
+    return out

@@ -160,7 +160,7 @@ def test_classic_queue_bounded_by_the_workers_delivery_limit(
         poison = sorted(r.attempt for r in records if r.item_id == ids["poison"])
         assert poison == [1, 2]
     finally:
-        delete_queues(cfg, qs)
+        delete_queues(cfg, qs, only_if_empty=False)
 
 
 def test_idle_worker_exits_0_with_a_no_work_record(

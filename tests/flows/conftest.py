@@ -44,6 +44,7 @@ def local_kwargs(
     backoff_limit: int = 6,
     mode: str = "coarse",
     keep_job: bool = False,
+    delete_queues: bool = False,
 ) -> dict[str, object]:
     """Flow parameters for a local-backend run with fast idle exits."""
     return {
@@ -60,7 +61,7 @@ def local_kwargs(
         "backend": "local",
         "caveat_policy": policy,
         "timeout_seconds": 120.0,
-        "cleanup": CleanupParams(delete_job=not keep_job, delete_queues=False),
+        "cleanup": CleanupParams(delete_job=not keep_job, delete_queues=delete_queues),
     }
 
 

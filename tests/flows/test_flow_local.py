@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pika
 import pytest
 
 from flows.adapters import broker as broker_io
@@ -43,6 +44,17 @@ def work_depth(broker_url: str, queue: str, which: str = "work") -> int:
     return broker_io.queue_depths(cfg, broker_io.QueueSettings(name=queue))[which].ready
 
 
+def ready_or_none(broker_url: str, queue: str) -> int | None:
+    """Ready messages in one queue, None when it does not exist."""
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return None
+    finally:
+        conn.close()
+
+
 def test_docs_eight_items_all_succeed_once(flow_env: dict[str, str], queue_name: str) -> None:
     report = run_work_queue(**local_kwargs(queue_name))
     s = report["summary"]
@@ -70,13 +82,19 @@ def test_docs_eight_items_all_succeed_once(flow_env: dict[str, str], queue_name:
 def test_completions_fewer_than_items_warns_and_leaves_items(
     flow_env: dict[str, str], queue_name: str
 ) -> None:
-    report = run_work_queue(**local_kwargs(queue_name, completions=5))
+    # Cleanup asks for the queues to go: the work queue still holds the 3 items, so it stays.
+    report = run_work_queue(**local_kwargs(queue_name, completions=5, delete_queues=True))
     found = {f["code"]: f for f in report["findings"]}
     assert found["completions-fewer-than-items"]["numbers"]["items_left"] == 3
     assert found["items-left-in-queue"]["numbers"]["ready"] == 3
     assert report["summary"]["succeeded"] == 5
     assert report["summary"]["left"] == 3
-    assert work_depth(flow_env["QUEUEJOB_BROKER_URL"], queue_name) == 3
+    assert found["queue-kept"]["numbers"] == {"queue": queue_name, "messages": 3}
+    assert report["kept_queues"] == {queue_name: 3}
+    url = flow_env["QUEUEJOB_BROKER_URL"]
+    assert ready_or_none(url, queue_name) == 3
+    # The empty dead-letter queue and the bookkeeping queues went.
+    assert [ready_or_none(url, f"{queue_name}.{s}") for s in ("dead", "results")] == [None, None]
 
 
 def test_completions_fewer_than_items_fails_before_the_job(
@@ -107,10 +125,14 @@ def test_poison_item_is_dead_lettered_while_the_rest_succeed(
     flow_env: dict[str, str], queue_name: str
 ) -> None:
     command = ["sh", "-c", 'item=$(cat); if [ "$item" = fig ]; then echo "bad fig" >&2; exit 4; fi']
-    report = run_work_queue(**local_kwargs(queue_name, command=command))
+    report = run_work_queue(**local_kwargs(queue_name, command=command, delete_queues=True))
     s = report["summary"]
     assert (s["succeeded"], s["dead_lettered"], s["left"]) == (7, 1, 0)
     assert "dead-letters" in codes(report)
+    # Cleanup deleted the drained work queue but kept the dead letter's queue.
+    assert report["kept_queues"] == {f"{queue_name}.dead": 1}
+    url = flow_env["QUEUEJOB_BROKER_URL"]
+    assert (ready_or_none(url, queue_name), ready_or_none(url, f"{queue_name}.dead")) == (None, 1)
     rows = {
         r["item_id"]: r
         for r in map(json.loads, Path(report["ledger_path"]).read_text().splitlines())

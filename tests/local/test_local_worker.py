@@ -50,7 +50,7 @@ def queues(broker_url: str, queue_name: str) -> Iterator[tuple[BrokerConfig, Que
     try:
         yield cfg, qs
     finally:
-        delete_queues(cfg, qs)
+        delete_queues(cfg, qs, only_if_empty=False)
 
 
 def start_job(

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from flows.core import caveats
 from flows.core.caveats import (
     Code,
     Finding,
@@ -433,3 +434,14 @@ def test_redelivery_after_a_lost_attempt_explains_at_least_once() -> None:
     assert "may have run twice" in finding.message
     assert "at-least-once" in finding.advice and "idempotent" in finding.advice
     assert after(unreported_attempts=0) == []
+
+
+def test_kept_queues_each_get_a_finding_that_says_where_the_items_are() -> None:
+    found = caveats.check_kept_queues(queue="job1", dead_queue="job1.dead", kept={"job1": 3})
+    assert [(f.code, f.severity, f.numbers) for f in found] == [
+        (caveats.Code.QUEUE_KEPT, caveats.Severity.INFO, {"queue": "job1", "messages": 3})
+    ]
+    assert found[0].message == "kept queue 'job1': it holds 3 item(s)"
+    dead = caveats.check_kept_queues(queue="job1", dead_queue="job1.dead", kept={"job1.dead": 1})
+    assert "dead letters" in dead[0].advice
+    assert caveats.check_kept_queues(queue="job1", dead_queue="job1.dead", kept={}) == []

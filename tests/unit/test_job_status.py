@@ -382,3 +382,34 @@ def test_decided(phase: JobPhase, decided: bool) -> None:
 def test_describe_without_reason() -> None:
     state = JobState(phase=R, counts=JobCounts(active=2, ready=1))
     assert state.describe() == "Running: active=2 ready=1 succeeded=0 failed=0 terminating=0"
+
+
+def test_interim_success_counts_the_pods_not_yet_counted(traces: Path) -> None:
+    """At SuccessCriteriaMet the recorded 1.32 Job says succeeded=2 with a third pod still in
+    uncountedTerminatedPods; 16 ms later Complete says 3. The state read at the interim
+    condition already counts 3, so a summary taken there agrees with the final one."""
+    states = [
+        job_state(obj)
+        for _, obj in watch_events(traces, "s03-job-watch-until-complete.jsonl")
+        if obj["status"].get("conditions")
+    ]
+    interim, final = states
+    assert (interim.condition, interim.terminal, final.condition, final.terminal) == (
+        "SuccessCriteriaMet",
+        False,
+        "Complete",
+        True,
+    )
+    assert interim.counts.succeeded == final.counts.succeeded == 3
+    # While pods are listed uncounted before any condition: the 2 finished pods count already.
+    first = next(
+        job_state(obj)
+        for _, obj in watch_events(traces, "s03-job-watch-until-complete.jsonl")
+        if obj["status"].get("uncountedTerminatedPods", {}).get("succeeded")
+    )
+    assert first.counts.succeeded == 2
+
+
+def test_uncounted_failed_pods_count_as_failed() -> None:
+    status = {"failed": 1, "uncountedTerminatedPods": {"failed": ["u1", "u2"], "succeeded": []}}
+    assert JobCounts.from_status(status) == JobCounts(failed=3)
