@@ -115,7 +115,7 @@ def _flow_kwargs(
 def _direct_run(queue: str, items: list[str], *, parallelism: int, idle_timeout_s: float) -> Any:
     """The flow's steps called directly (no Prefect): the baseline of the flow's overhead."""
     from flows.adapters import broker as broker_io
-    from flows.adapters.local_jobs import LocalBackend
+    from flows.adapters.local import LocalBackend
     from flows.core.items import ItemSource, iter_items
     from flows.core.ledger import Ledger
     from flows.core.manifest import JobSpec, build_job, build_secret, secret_name
@@ -171,7 +171,7 @@ def _flow_run(
 ) -> dict[str, Any]:
     """One flow run on the docs' items, keeping the Job so its pods' times can be read; the
     Job is then deleted here, timed, as the flow's own cleanup would have done."""
-    from flows.adapters.local_jobs import LocalBackend
+    from flows.adapters.local import LocalBackend
     from flows.core.items import ItemSource
     from flows.work_queue import run_work_queue
 

@@ -151,7 +151,7 @@ def local_backend(
     workdir: Path,
 ) -> Iterator[tuple[JobBackend, Callable[[JobHandle], dict[str, Any]]]]:
     """A `LocalBackend` with its own state directory, and a status reader for the poll."""
-    from flows.adapters.local_jobs import LocalBackend
+    from flows.adapters.local import LocalBackend
 
     backend = LocalBackend(state_dir=workdir / "local-jobs")
 

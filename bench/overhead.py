@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.common import BenchError, Context, FigureResult, queue_name, rounds, say
 from flows.adapters import broker as broker_io
-from flows.adapters.local_jobs import LocalBackend
+from flows.adapters.local import LocalBackend
 from flows.core.items import ItemSource, iter_items
 from flows.core.ledger import Ledger
 from flows.core.manifest import JobSpec, build_job, build_secret, secret_name

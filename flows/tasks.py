@@ -67,7 +67,7 @@ def make_backend(choice: BackendChoice) -> JobBackend:
     if choice.kind == "local":
         from pathlib import Path
 
-        from flows.adapters.local_jobs import LocalBackend
+        from flows.adapters.local import LocalBackend
 
         return LocalBackend(state_dir=Path(choice.state_dir) if choice.state_dir else None)
     from flows.adapters.kube import KubeBackend

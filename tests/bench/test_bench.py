@@ -22,7 +22,7 @@ from bench.common import (
     run_child,
 )
 from flows.adapters import broker as broker_io
-from flows.adapters.local_jobs import LocalBackend
+from flows.adapters.local import LocalBackend
 
 # --- pure --------------------------------------------------------------------------------------
 

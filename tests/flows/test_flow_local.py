@@ -179,7 +179,7 @@ def test_crash_after_create_job_then_retry_adopts_the_job(
     job_files = [p for p in jobs if json.loads(p.read_text()).get("kind") == "Job"]
     assert len(job_files) == 1, f"exactly one Job, got {job_files}"
     assert work_depth(flow_env["QUEUEJOB_BROKER_URL"], queue_name) == 0
-    from flows.adapters.local_jobs import LocalBackend
+    from flows.adapters.local import LocalBackend
 
     LocalBackend(state_dir=Path(flow_env["QUEUEJOB_STATE_DIR"])).delete_run(
         namespace="default", run_id=report["run_id"]
@@ -244,7 +244,7 @@ def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
 def test_cancellation_hook_deletes_the_run_from_its_parameters_alone(
     flow_env: dict[str, str], queue_name: str
 ) -> None:
-    from flows.adapters.local_jobs import LocalBackend
+    from flows.adapters.local import LocalBackend
     from flows.core.manifest import JobSpec, build_job, build_secret, job_name, secret_name
 
     run_id = str(uuid.uuid4())

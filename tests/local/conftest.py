@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from flows.adapters.local_jobs import RUN_ENV, LocalBackend
+from flows.adapters.local import RUN_ENV, LocalBackend
 from flows.core.backend import JobHandle
 from flows.core.manifest import RUN_ID_LABEL, SECRET_KEY, build_secret, run_labels
 

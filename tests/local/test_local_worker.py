@@ -248,7 +248,7 @@ def test_more_completions_than_items_ends_by_idle_exit(
 _DELETE = """
 import sys
 from pathlib import Path
-from flows.adapters.local_jobs import LocalBackend
+from flows.adapters.local import LocalBackend
 backend = LocalBackend(state_dir=Path(sys.argv[1]), grace_s=1.0)
 print(backend.delete_run(namespace=sys.argv[2], run_id=sys.argv[3]))
 """

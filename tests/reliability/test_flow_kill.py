@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from flows.adapters.local_jobs import LocalBackend
+from flows.adapters.local import LocalBackend
 from flows.core.manifest import RUN_ID_LABEL
 from flows.work_queue import run_work_queue
 from tests.broker.support import ready_count

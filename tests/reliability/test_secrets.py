@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.adapters.local_jobs import LocalBackend
+from flows.adapters.local import LocalBackend
 from flows.core.errors import BrokerAuthError
 from flows.work_queue import run_work_queue
 from tests.reliability.conftest import RelEnv
