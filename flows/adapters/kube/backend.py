@@ -1,71 +1,37 @@
-"""The Kubernetes backend: create or adopt the run's Secret and Job, watch it, explain, delete.
-
-This adapter is the only place that talks to the Kubernetes API (the official sync client,
-``kubernetes>=37,<38``). It sends plain camelCase dict bodies and reads plain dicts back
-(``_preload_content=False`` + ``json.loads``), so the client's typed models never see fields they
-do not know, and every library exception leaves here translated into a ``flows.core.errors`` type:
-
-- 429, 5xx and connection errors -> `KubeUnavailable` (a `RetryableError`);
-- 401 -> `ConfigError` (the credentials are wrong, not the RBAC);
-- 403 -> `KubeForbidden` naming the verb, the resource and the namespace;
-- 404 -> `KubeNotFound` (a missing namespace says so);
-- 422 -> `KubeInvalid` quoting the server's causes (field: message);
-- anything else -> `KubeError`.
-
-Retry policy. The flow's tasks retry `RetryableError` with Prefect's back-off; on top of that every
-API call here is retried a few times (``retries``, exponential back-off from ``retry_base_s``,
-honouring ``Retry-After``) when it fails with a `RetryableError`. That is safe because every call
-this backend makes is idempotent by design: reads and deletes trivially; the ownerReference patch
-sets the same value again; and a create that is repeated after a lost answer meets a 409 for an
-object carrying this run's label, which is adopted. A short burst of 500s or 429s therefore costs
-seconds inside one task attempt instead of a whole task retry (which would redo the create and lose
-the watch position). Permanent errors are never retried.
-
-Waiting. `KubeBackend.wait` lists the Job once (its state and a resourceVersion), then a background
-thread watches it (``fieldSelector=metadata.name=<job>``), resuming from the last resourceVersion
-seen (events and BOOKMARKs), with ``timeoutSeconds`` on each watch, a re-list when the server
-answers 410 Gone (as an ERROR event in an HTTP 200 stream), and a reconnect when a stream drops.
-Events reach the caller's thread through a queue, so a decisive condition is seen within
-milliseconds of its write, and the caller gets a heartbeat every ``tick_s`` to poll the broker.
-
-Secrets: the broker URL travels only in the Secret body; it never appears in a message, a log line
-or an exception raised here (client-side validation errors are re-raised without their inputs).
-"""
+"""The Kubernetes backend's API: create or adopt, wait, failures, logs, deletion (`KubeBackend`)."""
 
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import logging
-import math
-import os
 import queue
 import random
-import re
-import threading
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
-import kubernetes
 import pydantic
-import urllib3
 from kubernetes.client import ApiClient, BatchV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
+from flows.adapters.kube.common import CONNECTION_ERRORS, MAX_BACKOFF_S, T
+from flows.adapters.kube.config import load_api_client
+from flows.adapters.kube.errors import (
+    KubeOp,
+    error_from_api_exception,
+    error_from_status,
+    field_path,
+    retry_after_s,
+    status_body,
+    unreachable,
+)
+from flows.adapters.kube.watch import Event, JobWatch, WatchStats
 from flows.core.backend import JobHandle, PodFailure, ProgressCallback, Propagation, run_id_of
 from flows.core.errors import (
-    ConfigError,
     InvalidInput,
     JobConflict,
     JobTimeout,
     KubeError,
-    KubeForbidden,
-    KubeInvalid,
     KubeNotFound,
     KubeUnavailable,
     QueueJobError,
@@ -75,469 +41,6 @@ from flows.core.job_status import JobState, job_state
 from flows.core.manifest import CONTAINER_NAME, RUN_ID_LABEL, run_labels, run_selector
 
 log = logging.getLogger(__name__)
-
-# The config loaders are untyped; one Any-typed alias keeps that out of the typed code below.
-_kube_config: Any = kubernetes.config
-
-T = TypeVar("T")
-
-RBAC_HINT = "deployments/k8s/rbac.yaml"
-# A single back-off step never waits longer than this, whatever Retry-After says.
-MAX_BACKOFF_S = 8.0
-# Extra read time granted to a watch beyond its timeoutSeconds, so the server's clean close (not
-# our socket timeout) normally ends it, while a silent dead connection still cannot hang us.
-WATCH_READ_SLACK_S = 5.0
-# A watch stream open this long before it dropped counts as healthy (resets the failure count).
-HEALTHY_STREAM_S = 1.0
-
-_FORBIDDEN = re.compile(
-    r'User "(?P<user>[^"]*)" cannot (?P<verb>\S+) resource "(?P<resource>[^"]+)"'
-    r'(?: in API group "(?P<group>[^"]*)")?'
-)
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    urllib3.exceptions.HTTPError,  # MaxRetryError, ProtocolError, ReadTimeoutError, ...
-    http.client.HTTPException,
-    OSError,  # ConnectionResetError, socket.timeout, ...
-)
-
-
-# --- error translation -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class KubeOp:
-    """One API operation, for messages: ``create jobs 'x' in namespace 'ns'``."""
-
-    verb: str
-    resource: str
-    namespace: str | None = None
-    name: str | None = None
-
-    def __str__(self) -> str:
-        what = f"{self.verb} {self.resource}"
-        if self.name:
-            what += f" '{self.name}'"
-        if self.namespace:
-            what += f" in namespace '{self.namespace}'"
-        return what
-
-
-def _status_body(raw: str | bytes | None) -> dict[str, Any]:
-    """The Status object in an error response body, or {} when it is not one."""
-    if not raw:
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def error_from_status(code: int, status: Mapping[str, Any] | None, *, op: KubeOp) -> QueueJobError:
-    """Translate an API error (HTTP code and ``Status`` body) into a queuejob error.
-
-    Used for error responses and for ``ERROR`` events inside a watch stream alike.
-    """
-    body = status or {}
-    message = str(body.get("message") or "").strip()
-    reason = str(body.get("reason") or "")
-    details = body.get("details") or {}
-    ns = op.namespace or "default"
-    if code == 401:
-        return ConfigError(
-            f"the API server rejected the credentials (401 Unauthorized) for {op}; the token in "
-            "the Kubernetes credentials block or kubeconfig is invalid or expired: refresh it"
-        )
-    if code == 403:
-        verb, resource, who = op.verb, op.resource, ""
-        match = _FORBIDDEN.search(message)
-        if match:
-            verb, resource = match["verb"], match["resource"]
-            group = match["group"]
-            who = f' (user "{match["user"]}"'
-            who += f', API group "{group}")' if group else ")"
-        return KubeForbidden(
-            f"the service account cannot {verb} {resource} in namespace '{ns}'{who}; grant it "
-            f"with a Role like {RBAC_HINT}"
-        )
-    if code == 404:
-        if details.get("kind") == "namespaces":
-            missing = details.get("name") or ns
-            return KubeNotFound(
-                f"namespace '{missing}' does not exist; create it (kubectl create namespace "
-                f"{missing}) or choose an existing namespace in the job template"
-            )
-        kind = details.get("kind") or op.resource
-        name = details.get("name") or op.name or "?"
-        return KubeNotFound(
-            f"{kind} '{name}' not found in namespace '{ns}' (during {op}); it was deleted or "
-            "never created"
-        )
-    if code == 422:
-        causes = [
-            f"{c.get('field')}: {c.get('message')}" if c.get("field") else str(c.get("message"))
-            for c in details.get("causes") or []
-            if isinstance(c, Mapping)
-        ]
-        kind = details.get("kind") or op.resource
-        name = details.get("name") or op.name or "?"
-        why = "; ".join(causes) if causes else message or reason or "no causes given"
-        return KubeInvalid(
-            f"the API server rejected {kind} '{name}' in namespace '{ns}' as invalid: {why}; "
-            "fix the job template and run again"
-        )
-    if code == 429:
-        return KubeUnavailable(
-            f"the API server is throttling requests (429 TooManyRequests) for {op}; retry later"
-        )
-    if code >= 500:
-        return KubeUnavailable(
-            f"the API server answered {code} {reason or 'error'} for {op}: "
-            f"{message or 'no message'}; retry later"
-        )
-    if code == 0:
-        # The client reports TLS failures as status 0: the CA or server address is wrong.
-        return KubeError(
-            f"{op} failed before reaching the API server ({message or reason}); check the "
-            "cluster's server address and CA in the Kubernetes configuration"
-        )
-    return KubeError(
-        f"the API server refused {op} with {code} {reason or 'error'}: {message or 'no message'}"
-    )
-
-
-def error_from_api_exception(exc: ApiException, *, op: KubeOp) -> QueueJobError:
-    """Translate a client `ApiException` (its status and JSON ``Status`` body)."""
-    body = _status_body(exc.body)
-    if not body and exc.reason:
-        body = {"message": str(exc.reason)}
-    return error_from_status(int(exc.status or 0), body, op=op)
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    """A validation error's location inside the body (without the argument's position)."""
-    if loc and (isinstance(loc[0], int) or loc[0] == "body"):
-        loc = loc[1:]
-    return ".".join(str(part) for part in loc) or "body"
-
-
-def _unreachable(exc: BaseException, op: KubeOp) -> KubeUnavailable:
-    return KubeUnavailable(
-        f"could not reach the API server for {op} ({type(exc).__name__}: {exc}); check that "
-        "the cluster is up and reachable, then retry"
-    )
-
-
-def _retry_after_s(exc: BaseException) -> float | None:
-    """The Retry-After header of the response behind a translated error, if any."""
-    cause = exc.__cause__
-    headers = getattr(cause, "headers", None) if isinstance(cause, ApiException) else None
-    if not headers:
-        return None
-    value = headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-# --- configuration -----------------------------------------------------------------------------
-
-
-def load_api_client(
-    *,
-    cluster_config: Mapping[str, Any] | None = None,
-    context: str | None = None,
-    kubeconfig: str | None = None,
-) -> ApiClient:
-    """An API client from the first configuration found.
-
-    Order: ``cluster_config`` (the ``config`` dict of a prefect-kubernetes
-    ``KubernetesClusterConfig`` block, with ``context`` its ``context_name``); else in-cluster
-    service-account config; else ``kubeconfig`` or ``$KUBECONFIG`` or ``~/.kube/config``. An
-    explicitly given ``cluster_config`` or ``kubeconfig`` that cannot be loaded is an error, not a
-    reason to try the next source. Raises `ConfigError` naming every source tried.
-    """
-    if cluster_config is not None:
-        try:
-            client: ApiClient = _kube_config.new_client_from_config_dict(
-                dict(cluster_config), context=context, persist_config=False
-            )
-        except ConfigException as exc:
-            raise ConfigError(
-                f"the Kubernetes cluster config block could not be loaded: {exc}; check the "
-                "block's config (a kubeconfig as a dict) and its context name"
-            ) from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            # No str(exc): a malformed dict may echo a token back.
-            raise ConfigError(
-                "the Kubernetes cluster config block is not a usable kubeconfig "
-                f"({type(exc).__name__}); save a complete kubeconfig in the block"
-            ) from None
-        return client
-    if kubeconfig is not None:
-        return _from_kubeconfig(kubeconfig, context, explicit=True)
-
-    tried = ["a KubernetesClusterConfig / KubernetesCredentials block (none given)"]
-    configuration = kubernetes.client.Configuration()
-    try:
-        _kube_config.load_incluster_config(client_configuration=configuration)
-    except ConfigException as exc:
-        tried.append(f"in-cluster service account ({exc})")
-    else:
-        return ApiClient(configuration)
-
-    path = os.environ.get("KUBECONFIG") or "~/.kube/config"
-    if _any_kubeconfig_exists(path):
-        return _from_kubeconfig(path, context, explicit=False)
-    where = f"$KUBECONFIG={path}" if os.environ.get("KUBECONFIG") else "~/.kube/config"
-    tried.append(f"kubeconfig {where} (no such file)")
-    raise ConfigError(
-        "no Kubernetes configuration found; tried: "
-        + "; ".join(f"({i}) {t}" for i, t in enumerate(tried, 1))
-        + ". Pass a KubernetesClusterConfig or KubernetesCredentials block, run the flow inside "
-        "the cluster, or set KUBECONFIG"
-    )
-
-
-def _any_kubeconfig_exists(paths: str) -> bool:
-    return any(Path(p).expanduser().is_file() for p in paths.split(os.pathsep) if p)
-
-
-def _from_kubeconfig(path: str, context: str | None, *, explicit: bool) -> ApiClient:
-    if explicit and not _any_kubeconfig_exists(path):
-        raise ConfigError(f"kubeconfig {path} does not exist; pass the path of a kubeconfig file")
-    try:
-        client: ApiClient = _kube_config.new_client_from_config(
-            config_file=path, context=context, persist_config=False
-        )
-    except ConfigException as exc:
-        raise ConfigError(
-            f"kubeconfig {path} could not be loaded: {exc}; check its current context"
-        ) from None
-    except (KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
-        raise ConfigError(
-            f"kubeconfig {path} is not a usable kubeconfig ({type(exc).__name__}); check the file"
-        ) from None
-    return client
-
-
-@dataclass(frozen=True, slots=True)
-class WatchStats:
-    """How the last `KubeBackend.wait` watched: requests opened, reconnects, re-lists (410)."""
-
-    watches: int = 0
-    reconnects: int = 0
-    relists: int = 0
-
-
-# --- the watch thread --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Event:
-    """What the watch thread hands to the waiting thread."""
-
-    job: dict[str, Any] | None = None
-    deleted: bool = False
-    error: BaseException | None = None
-
-
-class _JobWatch(threading.Thread):
-    """Watches one Job and puts its new versions on a queue until stopped or the deadline."""
-
-    def __init__(
-        self,
-        backend: KubeBackend,
-        handle: JobHandle,
-        *,
-        resource_version: str | None,
-        deadline: float,
-        out: queue.Queue[_Event],
-    ) -> None:
-        super().__init__(name=f"kube-watch-{handle.name}", daemon=True)
-        self._backend = backend
-        self._handle = handle
-        self._rv = resource_version
-        self._deadline = deadline
-        self._out = out
-        self._stopped = threading.Event()
-        self._lock = threading.Lock()
-        self._resp: urllib3.response.BaseHTTPResponse | None = None
-        # How often the watch was opened, re-opened and re-listed (see `WatchStats`).
-        self.watches = 0
-        self.reconnects = 0
-        self.relists = 0
-
-    def stop(self) -> None:
-        """Ask the thread to end, and unblock a read in progress."""
-        self._stopped.set()
-        with self._lock:
-            resp = self._resp
-        if resp is not None:
-            # Shutting the socket down wakes a blocked read at once; close() alone may not.
-            with contextlib.suppress(Exception):
-                resp.shutdown()
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:
-            if not self._stopped.is_set():
-                if not isinstance(exc, QueueJobError):
-                    exc = KubeError(
-                        f"watching Job '{self._handle.name}' in namespace "
-                        f"'{self._handle.namespace}' failed unexpectedly "
-                        f"({type(exc).__name__}: {exc})"
-                    )
-                self._out.put(_Event(error=exc))
-
-    def _loop(self) -> None:
-        backend, h = self._backend, self._handle
-        op = KubeOp("watch", "jobs", h.namespace, h.name)
-        failures = 0
-        while not self._stopped.is_set():
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                return  # the waiting thread raises JobTimeout
-            if self._rv is None:
-                self.relists += 1
-                job, self._rv = backend._list_job(h)
-                if job is None:
-                    self._out.put(_Event(deleted=True))
-                    return
-                self._out.put(_Event(job=job))
-            timeout = max(1, min(backend.watch_timeout_s, math.ceil(remaining)))
-            started = time.monotonic()
-            events = 0
-            try:
-                stream = self._stream(timeout, op)
-                with contextlib.closing(stream):
-                    for event in stream:
-                        events += 1
-                        if not self._handle_event(event, op):
-                            return
-                        if self._rv is None:
-                            break  # 410 Gone: re-list
-            except RetryableError as exc:
-                if self._stopped.is_set():
-                    return
-                # Only failures in a row count: a stream that delivered events or lived a while
-                # before it dropped was healthy (proxies cut idle connections), not a failure.
-                healthy = events > 0 or time.monotonic() - started > HEALTHY_STREAM_S
-                failures = 1 if healthy else failures + 1
-                if failures > backend.retries:
-                    raise
-                self.reconnects += 1
-                delay = backend._backoff(failures - 1, exc)
-                log.debug("watch of Job %s dropped (%s); reconnecting in %.2fs", h.name, exc, delay)
-                self._stopped.wait(delay)
-                continue
-            if self._stopped.is_set():
-                return
-            if events or time.monotonic() - started > HEALTHY_STREAM_S:
-                failures = 0
-            if self._rv is not None:
-                self.reconnects += 1
-                # A stream that the server closed long before its timeout without a single event
-                # is a dropped connection; do not reconnect in a hot loop.
-                if events == 0 and time.monotonic() - started < min(1.0, timeout / 2):
-                    self._stopped.wait(min(0.2, backend.retry_base_s))
-
-    def _handle_event(self, event: Mapping[str, Any], op: KubeOp) -> bool:
-        """Apply one watch event; False when the watch is over (the Job was deleted)."""
-        kind = event.get("type")
-        obj = event.get("object")
-        if not isinstance(obj, dict):
-            return True
-        if kind == "ERROR":
-            code = int(obj.get("code") or 0)
-            if code == 410:
-                self._rv = None  # too old resource version: re-list, then watch from there
-                return True
-            raise error_from_status(code, obj, op=op)
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
-        if rv:
-            self._rv = str(rv)
-        if kind == "BOOKMARK":
-            return True
-        uid = (obj.get("metadata") or {}).get("uid")
-        if kind == "DELETED" or (self._handle.uid and uid and uid != self._handle.uid):
-            self._out.put(_Event(deleted=True))
-            return False
-        if kind in ("ADDED", "MODIFIED"):
-            self._out.put(_Event(job=obj))
-        return True
-
-    def _stream(self, timeout: int, op: KubeOp) -> Generator[dict[str, Any], None, None]:
-        backend, h = self._backend, self._handle
-        read_timeout = timeout + min(backend.request_timeout_s, WATCH_READ_SLACK_S)
-        self.watches += 1
-        try:
-            resp = backend._batch.list_namespaced_job(
-                h.namespace,
-                field_selector=f"metadata.name={h.name}",
-                resource_version=self._rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=timeout,
-                watch=True,
-                _preload_content=False,
-                _request_timeout=(backend.request_timeout_s, read_timeout),
-            )
-        except ApiException as exc:
-            if exc.status == 410:
-                # Some servers and proxies answer an expired resourceVersion with HTTP 410
-                # instead of an ERROR event: the same cure, a re-list.
-                self._rv = None
-                return
-            raise error_from_api_exception(exc, op=op) from exc
-        except _CONNECTION_ERRORS as exc:
-            raise _unreachable(exc, op) from exc
-        with self._lock:
-            self._resp = resp
-        try:
-            if self._stopped.is_set():
-                return
-            for line in _iter_lines(resp):
-                if self._stopped.is_set():
-                    return
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict):
-                    yield event
-        except _CONNECTION_ERRORS as exc:
-            if self._stopped.is_set():
-                return
-            raise KubeUnavailable(
-                f"the watch stream for {op} dropped ({type(exc).__name__}); reconnecting"
-            ) from exc
-        finally:
-            with self._lock:
-                self._resp = None
-            resp.close()
-            with contextlib.suppress(Exception):
-                resp.release_conn()
-
-
-def _iter_lines(resp: Any) -> Iterator[bytes]:
-    """The newline-separated events of a watch response, as soon as each arrives."""
-    if getattr(resp, "chunked", False):
-        chunks: Iterator[bytes] = resp.stream(amt=None, decode_content=True)
-    else:
-        # Not chunked (a proxy or a minimal server): read what is there, never wait for EOF.
-        chunks = iter(lambda: bytes(resp.read1(65536)), b"")
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield line
-    if buffer.strip():
-        yield buffer
-
 
 # --- the backend -------------------------------------------------------------------------------
 
@@ -573,7 +76,7 @@ class KubeBackend:
         # deliberately sends camelCase dicts (which the client validates and sends unchanged).
         self._batch: Any = BatchV1Api(api_client)
         self._core: Any = CoreV1Api(api_client)
-        self._last_watch: _JobWatch | None = None  # the latest wait's watch, for diagnostics
+        self._last_watch: JobWatch | None = None  # the latest wait's watch, for diagnostics
 
     def __repr__(self) -> str:
         host = getattr(self.api_client.configuration, "host", "?")
@@ -605,7 +108,7 @@ class KubeBackend:
     def _backoff(self, attempt: int, exc: BaseException | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based), with jitter."""
         delay = min(self.retry_base_s * (2.0**attempt), MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
-        retry_after = _retry_after_s(exc) if exc is not None else None
+        retry_after = retry_after_s(exc) if exc is not None else None
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_BACKOFF_S))
         return delay
@@ -651,7 +154,7 @@ class KubeBackend:
             except pydantic.ValidationError as exc:
                 # Never echo the inputs: a Secret body holds the broker URL.
                 problems = "; ".join(
-                    f"{_field_path(e['loc'])}: {e['msg']}"
+                    f"{field_path(e['loc'])}: {e['msg']}"
                     for e in exc.errors(
                         include_url=False, include_context=False, include_input=False
                     )
@@ -659,12 +162,12 @@ class KubeBackend:
                 raise InvalidInput(
                     f"the object for {op} does not match the Kubernetes schema: {problems}"
                 ) from None
-            except _CONNECTION_ERRORS as exc:
-                raise _unreachable(exc, op) from exc
+            except CONNECTION_ERRORS as exc:
+                raise unreachable(exc, op) from exc
             try:
                 return int(resp.status), bytes(resp.data)
-            except _CONNECTION_ERRORS as exc:
-                raise _unreachable(exc, op) from exc
+            except CONNECTION_ERRORS as exc:
+                raise unreachable(exc, op) from exc
             finally:
                 with contextlib.suppress(Exception):
                     resp.release_conn()
@@ -680,7 +183,7 @@ class KubeBackend:
         **kwargs: Any,
     ) -> tuple[int, dict[str, Any]]:
         status, raw = self._raw(fn, *args, op=op, tolerate=tolerate, **kwargs)
-        body = _status_body(raw)
+        body = status_body(raw)
         if not body and raw:
             raise KubeError(f"the API server's answer to {op} is not a JSON object")
         return status, body
@@ -853,8 +356,8 @@ class KubeBackend:
         if state.phase.decided:
             return state
 
-        events: queue.Queue[_Event] = queue.Queue()
-        watch = _JobWatch(self, handle, resource_version=rv, deadline=deadline, out=events)
+        events: queue.Queue[Event] = queue.Queue()
+        watch = JobWatch(self, handle, resource_version=rv, deadline=deadline, out=events)
         self._last_watch = watch
         watch.start()
         try:

@@ -1,0 +1,254 @@
+"""The Job watch: a background thread that lists, watches, resumes and re-lists."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from flows.adapters.kube.common import CONNECTION_ERRORS, HEALTHY_STREAM_S, WATCH_READ_SLACK_S
+from flows.adapters.kube.errors import (
+    KubeOp,
+    error_from_api_exception,
+    error_from_status,
+    unreachable,
+)
+from flows.core.backend import JobHandle
+from flows.core.errors import (
+    KubeError,
+    KubeUnavailable,
+    QueueJobError,
+    RetryableError,
+)
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from flows.adapters.kube.backend import KubeBackend
+
+
+@dataclass(frozen=True, slots=True)
+class WatchStats:
+    """How the last `KubeBackend.wait` watched: requests opened, reconnects, re-lists (410)."""
+
+    watches: int = 0
+    reconnects: int = 0
+    relists: int = 0
+
+
+# --- the watch thread --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """What the watch thread hands to the waiting thread."""
+
+    job: dict[str, Any] | None = None
+    deleted: bool = False
+    error: BaseException | None = None
+
+
+class JobWatch(threading.Thread):
+    """Watches one Job and puts its new versions on a queue until stopped or the deadline."""
+
+    def __init__(
+        self,
+        backend: KubeBackend,
+        handle: JobHandle,
+        *,
+        resource_version: str | None,
+        deadline: float,
+        out: queue.Queue[Event],
+    ) -> None:
+        super().__init__(name=f"kube-watch-{handle.name}", daemon=True)
+        self._backend = backend
+        self._handle = handle
+        self._rv = resource_version
+        self._deadline = deadline
+        self._out = out
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._resp: urllib3.response.BaseHTTPResponse | None = None
+        # How often the watch was opened, re-opened and re-listed (see `WatchStats`).
+        self.watches = 0
+        self.reconnects = 0
+        self.relists = 0
+
+    def stop(self) -> None:
+        """Ask the thread to end, and unblock a read in progress."""
+        self._stopped.set()
+        with self._lock:
+            resp = self._resp
+        if resp is not None:
+            # Shutting the socket down wakes a blocked read at once; close() alone may not.
+            with contextlib.suppress(Exception):
+                resp.shutdown()
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            if not self._stopped.is_set():
+                if not isinstance(exc, QueueJobError):
+                    exc = KubeError(
+                        f"watching Job '{self._handle.name}' in namespace "
+                        f"'{self._handle.namespace}' failed unexpectedly "
+                        f"({type(exc).__name__}: {exc})"
+                    )
+                self._out.put(Event(error=exc))
+
+    def _loop(self) -> None:
+        backend, h = self._backend, self._handle
+        op = KubeOp("watch", "jobs", h.namespace, h.name)
+        failures = 0
+        while not self._stopped.is_set():
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                return  # the waiting thread raises JobTimeout
+            if self._rv is None:
+                self.relists += 1
+                job, self._rv = backend._list_job(h)
+                if job is None:
+                    self._out.put(Event(deleted=True))
+                    return
+                self._out.put(Event(job=job))
+            timeout = max(1, min(backend.watch_timeout_s, math.ceil(remaining)))
+            started = time.monotonic()
+            events = 0
+            try:
+                stream = self._stream(timeout, op)
+                with contextlib.closing(stream):
+                    for event in stream:
+                        events += 1
+                        if not self._handle_event(event, op):
+                            return
+                        if self._rv is None:
+                            break  # 410 Gone: re-list
+            except RetryableError as exc:
+                if self._stopped.is_set():
+                    return
+                # Only failures in a row count: a stream that delivered events or lived a while
+                # before it dropped was healthy (proxies cut idle connections), not a failure.
+                healthy = events > 0 or time.monotonic() - started > HEALTHY_STREAM_S
+                failures = 1 if healthy else failures + 1
+                if failures > backend.retries:
+                    raise
+                self.reconnects += 1
+                delay = backend._backoff(failures - 1, exc)
+                log.debug("watch of Job %s dropped (%s); reconnecting in %.2fs", h.name, exc, delay)
+                self._stopped.wait(delay)
+                continue
+            if self._stopped.is_set():
+                return
+            if events or time.monotonic() - started > HEALTHY_STREAM_S:
+                failures = 0
+            if self._rv is not None:
+                self.reconnects += 1
+                # A stream that the server closed long before its timeout without a single event
+                # is a dropped connection; do not reconnect in a hot loop.
+                if events == 0 and time.monotonic() - started < min(1.0, timeout / 2):
+                    self._stopped.wait(min(0.2, backend.retry_base_s))
+
+    def _handle_event(self, event: Mapping[str, Any], op: KubeOp) -> bool:
+        """Apply one watch event; False when the watch is over (the Job was deleted)."""
+        kind = event.get("type")
+        obj = event.get("object")
+        if not isinstance(obj, dict):
+            return True
+        if kind == "ERROR":
+            code = int(obj.get("code") or 0)
+            if code == 410:
+                self._rv = None  # too old resource version: re-list, then watch from there
+                return True
+            raise error_from_status(code, obj, op=op)
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            self._rv = str(rv)
+        if kind == "BOOKMARK":
+            return True
+        uid = (obj.get("metadata") or {}).get("uid")
+        if kind == "DELETED" or (self._handle.uid and uid and uid != self._handle.uid):
+            self._out.put(Event(deleted=True))
+            return False
+        if kind in ("ADDED", "MODIFIED"):
+            self._out.put(Event(job=obj))
+        return True
+
+    def _stream(self, timeout: int, op: KubeOp) -> Generator[dict[str, Any], None, None]:
+        backend, h = self._backend, self._handle
+        read_timeout = timeout + min(backend.request_timeout_s, WATCH_READ_SLACK_S)
+        self.watches += 1
+        try:
+            resp = backend._batch.list_namespaced_job(
+                h.namespace,
+                field_selector=f"metadata.name={h.name}",
+                resource_version=self._rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=timeout,
+                watch=True,
+                _preload_content=False,
+                _request_timeout=(backend.request_timeout_s, read_timeout),
+            )
+        except ApiException as exc:
+            if exc.status == 410:
+                # Some servers and proxies answer an expired resourceVersion with HTTP 410
+                # instead of an ERROR event: the same cure, a re-list.
+                self._rv = None
+                return
+            raise error_from_api_exception(exc, op=op) from exc
+        except CONNECTION_ERRORS as exc:
+            raise unreachable(exc, op) from exc
+        with self._lock:
+            self._resp = resp
+        try:
+            if self._stopped.is_set():
+                return
+            for line in _iter_lines(resp):
+                if self._stopped.is_set():
+                    return
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    yield event
+        except CONNECTION_ERRORS as exc:
+            if self._stopped.is_set():
+                return
+            raise KubeUnavailable(
+                f"the watch stream for {op} dropped ({type(exc).__name__}); reconnecting"
+            ) from exc
+        finally:
+            with self._lock:
+                self._resp = None
+            resp.close()
+            with contextlib.suppress(Exception):
+                resp.release_conn()
+
+
+def _iter_lines(resp: Any) -> Iterator[bytes]:
+    """The newline-separated events of a watch response, as soon as each arrives."""
+    if getattr(resp, "chunked", False):
+        chunks: Iterator[bytes] = resp.stream(amt=None, decode_content=True)
+    else:
+        # Not chunked (a proxy or a minimal server): read what is there, never wait for EOF.
+        chunks = iter(lambda: bytes(resp.read1(65536)), b"")
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield line
+    if buffer.strip():
+        yield buffer
