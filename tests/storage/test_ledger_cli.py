@@ -111,3 +111,19 @@ def test_a_large_ledger_prints_in_bounded_memory(ledger_dir: Path) -> None:
     assert (ledger_dir / large / "ledger.jsonl").stat().st_size > 40_000_000
     grown_kb = _peak_rss_kb(large, ledger_dir) - _peak_rss_kb(small, ledger_dir)
     assert grown_kb < 10_000, f"peak RSS grew {grown_kb} KB printing 300,000 rows"
+
+
+def test_run_takes_the_ledger_storage_block() -> None:
+    import argparse
+
+    from flows.cli import _flow_kwargs
+
+    ns = argparse.Namespace(
+        items=["a"], file=None, jsonl=None, range=None, mode="fine", backend="local",
+        parallelism=None, completions="auto", backoff_limit=None, deadline=None,
+        idle_timeout=None, image=None, namespace=None, template_block=None, call=None,
+        queue="q", queue_type="quorum", delivery_limit=3, stale="fail", broker_block=None,
+        kube_credentials_block=None, policy="warn", timeout=60.0, keep_job=False,
+        delete_queues=False, ledger_storage="team-ledgers",
+    )  # fmt: skip
+    assert _flow_kwargs(ns, ["cat"])["ledger_storage"] == "team-ledgers"
