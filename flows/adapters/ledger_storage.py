@@ -6,13 +6,15 @@ directory: ``QUEUEJOB_LEDGER_DIR``, else ``~/.cache/queuejob/ledgers``.
 
 Layout, relative to the storage's base path, one directory per flow run::
 
-    <run_id>/segments/records-00000001.jsonl   checkpoints: outcome records, batch by batch
-    <run_id>/ledger.jsonl                      final: one JSON row per item, in item order
-    <run_id>/report.json                       final: the run's report, its parameters and
-                                               where the ledger is
+    <run_id>/segments/records-00000001-<w>.jsonl   checkpoints: outcome records, batch by batch
+    <run_id>/ledger.jsonl                          final: one JSON row per item, in item order
+    <run_id>/report.json                           final: the run's report, its parameters and
+                                                   where the ledger is
 
 A segment holds one batch of outcome records (one compact JSON record per line) and ends with
-a trailer line ``{"end": N}`` giving how many records it holds. The flow writes a segment before
+a trailer line ``{"end": N}`` giving how many records it holds. ``<w>`` names the process that
+wrote it (each flow attempt has its own), so two attempts of a run that overlap (a pod thought
+lost that still runs) never overwrite each other's segments. The flow writes a segment before
 it acknowledges the records in it, so a flow run retried in a fresh pod rebuilds its ledger from
 the segments. A segment cut short by a crash has no valid trailer and is ignored: its records
 were never acknowledged, so the broker delivers them again.
@@ -39,7 +41,7 @@ LEDGER_DIR_ENV = "QUEUEJOB_LEDGER_DIR"
 LEDGER_FILE = "ledger.jsonl"
 REPORT_FILE = "report.json"
 SEGMENTS_DIR = "segments"
-_SEGMENT_RE = re.compile(r"records-(\d{8})\.jsonl$")
+_SEGMENT_RE = re.compile(r"records-(\d{8})(-[0-9a-z]+)?\.jsonl$")
 
 # Fate names: what the ledger rows carry, and what users may type (`left` for left_in_queue).
 FATES = ("succeeded", "failed", "dead_lettered", "left_in_queue")
@@ -116,9 +118,13 @@ class LedgerStorage:
                 "ledger_storage block (--ledger-storage)"
             ) from exc
 
-    def write_segment(self, run_id: str, seq: int, lines: Iterable[bytes]) -> str:
-        """Write checkpoint segment `seq` (one JSON record per line, no newlines inside) with
-        its trailer, durably; return its path. Raises `LedgerStorageError`."""
+    def write_segment(
+        self, run_id: str, seq: int, lines: Iterable[bytes], *, writer: str = ""
+    ) -> str:
+        """Write checkpoint segment `seq` of `writer` (one JSON record per line, no newlines
+        inside) with its trailer, durably; return its path. Raises `LedgerStorageError`."""
+        if writer and not writer.isalnum():
+            raise ValueError(f"segment writer must be letters and digits, got {writer!r}")
         buf = io.BytesIO()
         n = 0
         for line in lines:
@@ -126,7 +132,8 @@ class LedgerStorage:
             buf.write(b"\n")
             n += 1
         buf.write(json.dumps({"end": n}).encode() + b"\n")
-        path = self.path(run_id, f"{SEGMENTS_DIR}/records-{seq:08d}.jsonl")
+        suffix = f"-{writer.lower()}" if writer else ""
+        path = self.path(run_id, f"{SEGMENTS_DIR}/records-{seq:08d}{suffix}.jsonl")
         try:
             self._write_bytes(path, buf.getvalue())
         except Exception as exc:
@@ -137,6 +144,10 @@ class LedgerStorage:
 
     def segment_numbers(self, run_id: str) -> list[int]:
         """The numbers of the run's segments present (complete or not), ascending."""
+        return sorted({seq for seq, _ in self._segment_names(run_id)})
+
+    def _segment_names(self, run_id: str) -> list[tuple[int, str]]:
+        """(number, file name) of the run's segments, in order."""
         folder = self.path(run_id, SEGMENTS_DIR)
         try:
             names = self.fs.ls(folder, detail=False)
@@ -148,16 +159,17 @@ class LedgerStorage:
             ) from exc
         found = []
         for name in names:
-            m = _SEGMENT_RE.search(str(name))
+            base = str(name).rstrip("/").rsplit("/", 1)[-1]
+            m = _SEGMENT_RE.fullmatch(base)
             if m:
-                found.append(int(m.group(1)))
+                found.append((int(m.group(1)), base))
         return sorted(found)
 
     def iter_segments(self, run_id: str) -> Iterator[tuple[int, list[bytes]]]:
         """(number, record lines) of each complete segment, in order. Segments cut short (no
         valid trailer, or a count that does not match) are skipped."""
-        for seq in self.segment_numbers(run_id):
-            path = self.path(run_id, f"{SEGMENTS_DIR}/records-{seq:08d}.jsonl")
+        for seq, name in self._segment_names(run_id):
+            path = self.path(run_id, f"{SEGMENTS_DIR}/{name}")
             try:
                 with self.fs.open(path, "rb") as fh:
                     data = fh.read()

@@ -25,6 +25,7 @@ import json
 import os
 import sqlite3
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,7 @@ class RunLedger:
         self.foreign_records = 0
         self.segments = 0  # checkpoint segments written or replayed
         self.next_seq = 1
+        self.writer = uuid.uuid4().hex[:8]  # this attempt's segments never overwrite another's
         self._c = _Counters()
         self._succeeded = 0
         self._failed_attempts = 0
@@ -295,7 +297,7 @@ class RunLedger:
         try:
             new, delta = self._fold(mine)
             if new:
-                self.storage.write_segment(self.run_id, self.next_seq, new)
+                self.storage.write_segment(self.run_id, self.next_seq, new, writer=self.writer)
         except BaseException:
             db.execute("ROLLBACK")
             raise

@@ -149,3 +149,20 @@ def test_records_of_other_runs_are_counted_and_ignored(tmp_path: Path) -> None:
         assert ledger.absorb([other]) == 0
         assert ledger.summary().foreign_records == 1
         assert ledger.summary().succeeded == 0
+
+
+def test_two_attempts_writing_at_once_keep_both_checkpoints(tmp_path: Path) -> None:
+    # A pod thought lost still runs while the retry starts: both number their next segment
+    # alike, and neither may overwrite the other's (its records are acknowledged).
+    storage = _storage(tmp_path)
+    records = _random_records(40, 11)
+    a = RunLedger.open(storage, RUN, expected=40, work_dir=tmp_path / "a")
+    b = RunLedger.open(storage, RUN, expected=40, work_dir=tmp_path / "b")
+    a.absorb(records[:20])
+    b.absorb(records[20:])
+    a.close()
+    b.close()
+    assert storage.segment_numbers(RUN) == [1]
+    with RunLedger.open(storage, RUN, expected=40, work_dir=tmp_path / "c") as c:
+        assert c.records == len(records)
+        assert c.summary() == _reference(records, 40, []).summary()
