@@ -146,6 +146,7 @@ def wait_for_job(
     handle: JobHandle,
     cfg: broker_io.BrokerConfig,
     qs: broker_io.QueueSettings,
+    items: ItemSource,
     ledger: RunLedger,
     mode: str,
     idle_timeout_s: float,
@@ -173,6 +174,8 @@ def wait_for_job(
         max_unacked=stats.get("max_unacked_allowed", DEFAULT_MAX_UNACKED),
     )
     try:
+        if not ledger.items_loaded:  # streamed from the source, in batches
+            ledger.load_items(iter_items(items))
         with monitor:
             state = backend.wait(handle, timeout_s=timeout_s, on_update=monitor.on_update)
             monitor.drain_until_quiet()
@@ -384,13 +387,9 @@ def run_work_queue(
         confirmed_items=confirmed,
         delivery_limit=qs.delivery_limit if qs.queue_type == "classic" else None,
     )
-    handle = tasks.create_job(choice, secret, manifest, run_id)
-    logger.info("%s Job %s/%s", "adopted" if handle.adopted else "created", spec.namespace, name)
-    if os.environ.get(FAULT_ENV) == "crash-after-create-job" and runtime_flow_run.run_count <= 1:
-        raise RuntimeError("fault injection: crash after create_job (first attempt only)")
-
-    # The ledger: rebuilt from the storage's checkpoints (a retry goes on from them), and
-    # taught the items from the source while the pods already work.
+    # The ledger: rebuilt from the storage's checkpoints (a retry goes on from them). It learns
+    # the items at the start of the wait, while the pods already work; the wait follows the
+    # Job's creation at once, so a stop (SIGTERM) once pods run lands where it takes them down.
     ledger = RunLedger.open(storage, run_id, expected=confirmed)
     try:
         if ledger.records:
@@ -399,8 +398,17 @@ def run_work_queue(
                 ledger.records,
                 ledger.segments,
             )
-        ledger.load_items(iter_items(items))
+        handle = tasks.create_job(choice, secret, manifest, run_id)
+        logger.info(
+            "%s Job %s/%s", "adopted" if handle.adopted else "created", spec.namespace, name
+        )
+        if (
+            os.environ.get(FAULT_ENV) == "crash-after-create-job"
+            and runtime_flow_run.run_count <= 1
+        ):
+            raise RuntimeError("fault injection: crash after create_job (first attempt only)")
         return _wait_and_report(
+            items=items,
             ledger=ledger,
             storage_location=ledger_location,
             storage=storage,
@@ -429,6 +437,7 @@ def run_work_queue(
 
 def _wait_and_report(
     *,
+    items: ItemSource,
     ledger: RunLedger,
     storage_location: str,
     storage: LedgerStorage,
@@ -459,6 +468,7 @@ def _wait_and_report(
         handle,
         cfg,
         qs,
+        items,
         # quote(): hand the task these very objects (filled in place), not copies.
         quote(ledger),
         mode,

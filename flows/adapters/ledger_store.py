@@ -168,6 +168,7 @@ class RunLedger:
         self.foreign_records = 0
         self.segments = 0  # checkpoint segments written or replayed
         self.next_seq = 1
+        self.items_loaded = False
         self.writer = uuid.uuid4().hex[:8]  # this attempt's segments never overwrite another's
         self._c = _Counters()
         self._succeeded = 0
@@ -281,6 +282,7 @@ class RunLedger:
             db.executemany(sql, batch)
             db.execute("COMMIT")
             n += len(batch)
+        self.items_loaded = True
         return n
 
     def absorb(self, records: list[OutcomeRecord]) -> int:
