@@ -582,7 +582,8 @@ class _Worker:
             (method.delivery_tag, bool(method.multiple), isinstance(method, spec.Basic.Ack))
         )
         # Ends the wait of process_data_events, which returns early for deliveries only.
-        self.conn.add_callback_threadsafe(_noop)
+        with contextlib.suppress(Exception):  # a closing connection needs no wake-up
+            self.conn.add_callback_threadsafe(_noop)
 
     def _on_return(self, _ch: Any, _method: Any, _props: Any, _body: bytes) -> None:
         if self.records:
@@ -713,6 +714,7 @@ class _Worker:
             if self.settling:  # records in flight: wait for their confirms, not for the idle time
                 self.conn.process_data_events(time_limit=_TICK_S)
                 self._settle()
+                idle_since = time.monotonic()
                 continue
             remaining = self.opts.idle_timeout_s - (time.monotonic() - idle_since)
             if remaining <= 0:
@@ -786,7 +788,9 @@ class _Worker:
         if current is not None:
             item, started = current
             self.executor.stop(self.opts.grace_s)
-            self._publish_record(item.record(INTERRUPTED, None, time.monotonic() - started))
+            # A stopped command's exit code and stderr; a function is left running.
+            res = self.executor.result(1.0) if self.opts.call is None else None
+            self._publish_record(item.record(INTERRUPTED, res, time.monotonic() - started))
         for method, props, body in held:
             del method
             item = _Item.of(props, body, self.run_id, self.pod)
