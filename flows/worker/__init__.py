@@ -18,9 +18,11 @@ Per item:
 * coarse mode (default): take one message (prefetch 1) and exit; fine mode: keep taking
   messages until the queue has been empty for the idle timeout, holding a window of up to
   ``--prefetch`` of them (default 100 with ``--call``, 2 with a command).
-* A ``--call`` function runs in the worker's process, on one thread kept for the worker's
-  life; a command runs as one process per item, nothing else is started per item. The main
-  thread keeps the connection alive meanwhile, however long an item takes.
+* A ``--call`` function is called on the worker's main thread; while a call lasts longer
+  than a second, a keeper thread (one for the worker's life) serves the connection:
+  heartbeats, acks, and a signal. A command runs as one process per item, fed and read by one
+  long-lived thread while the main thread serves the connection. Nothing else is started per
+  item.
 * success (exit 0, or the function returns): publish a ``succeeded`` record to
   ``<queue>.results`` (persistent) and ack the message only once the broker confirmed the
   record. Records are pipelined (publisher confirms are not awaited one by one) and acks are
@@ -69,8 +71,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import importlib
+import json
 import os
 import queue
 import selectors
@@ -100,6 +104,7 @@ from flows.adapters.broker import (
     RECORD_CONTENT_TYPE,
     BrokerConfig,
     QueueSettings,
+    _coalesce_pending_frames,
     connect,
 )
 from flows.core.errors import BrokerAuthError, BrokerUnavailable, QueueJobError
@@ -118,6 +123,7 @@ _TICK_S = 0.25  # how often the loop looks at signals while it waits
 # Fine mode's window (prefetch): enough messages to cover a publisher confirm's round trip.
 DEFAULT_PREFETCH_CALL = 100  # a --call item may take microseconds
 DEFAULT_PREFETCH_COMMAND = 2  # a command costs at least a process start: one more is enough
+_KEEP_AFTER_S = 1.0  # a call running longer than this has the keeper serve the connection
 _POLL_EVERY = 32  # items between looks at the connection while messages are held
 _DRAIN_S = 30.0  # at the end, how long to wait for the last confirms
 _SIGNAL_DRAIN_S = 5.0  # the same after a signal or a refused record
@@ -273,17 +279,30 @@ class _Result:
     tail: str = ""
 
 
-class _Executor:
-    """One thread for the worker's whole life that runs the items, one at a time.
+def _call_item(fn: Callable[[bytes], Any], body: bytes) -> _Result:
+    """Call a ``--call`` function with one item's body."""
+    try:
+        fn(body)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return _Result(code, f"SystemExit({exc.code!r})\n" if code else "")
+    except BaseException:
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        return _Result(1, _tail(text))
+    return _Result(0)
 
-    The main thread owns the broker connection: while an item runs it keeps serving heartbeats,
-    deliveries and publisher confirms, however long the item takes, and it notices signals. A
-    ``--call`` item is a plain function call on this thread; a command is one process, fed and
-    read by this thread with a selector. Nothing is started per item but the command's process.
+
+class _Executor:
+    """One thread for the worker's whole life that runs the commands, one at a time.
+
+    The main thread owns the broker connection: while a command runs it keeps serving
+    heartbeats, deliveries and publisher confirms, however long the command takes, and it
+    notices signals. Each command is one process, fed and read by this thread with a selector;
+    nothing else is started per item.
     """
 
-    def __init__(self, *, call: Callable[[bytes], Any] | None, argv: list[str]) -> None:
-        self._call = call
+    def __init__(self, *, argv: list[str]) -> None:
         self._argv = argv
         self._jobs: queue.SimpleQueue[tuple[bytes, dict[str, str]]] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[_Result] = queue.SimpleQueue()
@@ -325,23 +344,10 @@ class _Executor:
         while True:
             body, env = self._jobs.get()
             try:
-                res = self._run_call(body) if self._call is not None else self._run(body, env)
+                res = self._run(body, env)
             except BaseException as exc:  # never leave the main thread waiting
                 res = _Result(1, f"queuejob worker: {type(exc).__name__}: {exc}\n")
             self._results.put(res)
-
-    def _run_call(self, body: bytes) -> _Result:
-        assert self._call is not None
-        try:
-            self._call(body)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            return _Result(code, f"SystemExit({exc.code!r})\n" if code else "")
-        except BaseException:
-            text = traceback.format_exc()
-            sys.stderr.write(text)
-            return _Result(1, _tail(text))
-        return _Result(0)
 
     def _run(self, body: bytes, env: dict[str, str]) -> _Result:
         try:
@@ -438,14 +444,20 @@ class _Worker:
         run_id: str,
         pod: str,
         opts: _Options,
-        executor: _Executor,
+        call: Callable[[bytes], Any] | None,
     ) -> None:
         self.cfg = cfg
         self.qs = qs
         self.run_id = run_id
         self.pod = pod
         self.opts = opts
-        self.executor = executor
+        self.call = call
+        self.executor = _Executor(argv=opts.command) if call is None else None
+        # A --call function runs on the main thread, which then lets go of the connection: a
+        # keeper thread serves it (heartbeats, and a signal) while a call takes long.
+        self.io = threading.Lock()
+        self.io.acquire()
+        self.calling: tuple[_Item, float] | None = None
         self.prefetch = 1 if opts.mode == "coarse" else opts.prefetch
         self.chatty = opts.mode == "coarse" or opts.call is None  # a log line per item
         self.signal: int | None = None
@@ -551,7 +563,40 @@ class _Worker:
         work.basic_qos(prefetch_count=self.prefetch)
         self.work = work
         self.consumer_tag = work.basic_consume(self.qs.name, self._on_delivery, auto_ack=False)
+        if self.call is not None:
+            threading.Thread(target=self._keep, name="queuejob-keeper", daemon=True).start()
         return self._loop()
+
+    def _keep(self) -> None:
+        """While a ``--call`` function runs on the main thread for longer than a moment, serve
+        the connection in its place: heartbeats, deliveries, confirms and the acks they allow.
+        On a signal mid-call, do what the main thread would: record the item ``interrupted``,
+        settle what is done, and end the process (a Python function cannot be stopped)."""
+        while True:
+            time.sleep(_TICK_S)
+            calling = self.calling
+            if calling is None:
+                continue
+            if self.signal is None and time.monotonic() - calling[1] < _KEEP_AFTER_S:
+                continue
+            if not self.io.acquire(blocking=False):
+                continue  # the call just ended
+            try:
+                if self.calling is None:
+                    continue
+                if self.signal is not None:
+                    code = self._stop_on_signal(self.calling)
+                    with contextlib.suppress(Exception):
+                        self.conn.close()
+                    sys.stderr.flush()
+                    os._exit(code)
+                self._io(time_limit=0)
+                self._settle()
+            except Exception as exc:  # the main thread meets the same error after the call
+                self.say(f"warning: serving the connection during a call: {exc!r}")
+                return
+            finally:
+                self.io.release()
 
     def _confirm_mode(self, pub: Any) -> None:
         """Publisher confirms without waiting for each one: pika's blocking channel only offers
@@ -567,7 +612,7 @@ class _Worker:
                 raise BrokerUnavailable(
                     f"broker at {self.cfg.describe()} did not turn on publisher confirms"
                 )
-            self.conn.process_data_events(time_limit=_TICK_S)
+            self._io(time_limit=_TICK_S)
         self._publish_raw = impl.basic_publish
 
     # -- broker callbacks (they only take note; the loop acts) -----------------------------------
@@ -598,6 +643,12 @@ class _Worker:
 
     # -- publishing and settling -----------------------------------------------------------------
 
+    def _io(self, time_limit: float) -> None:
+        """Send what is buffered and take what arrived (callbacks run), for up to ``time_limit``."""
+        # pika writes each frame with its own send(), three per record: join them first.
+        _coalesce_pending_frames(self.conn._impl)
+        self.conn.process_data_events(time_limit=time_limit)
+
     def _publish(self, routing_key: str, body: bytes, props: Any) -> int:
         self._publish_raw("", routing_key, body, props, mandatory=True)
         self.seq += 1
@@ -609,7 +660,7 @@ class _Worker:
         must be confirmed before the item's message is settled."""
         if not self.records:
             return self.seq
-        return self._publish(self.qs.results_name, rec.to_json(), _RECORD_PROPS)
+        return self._publish(self.qs.results_name, _record_json(rec), _RECORD_PROPS)
 
     def _settle(self) -> None:
         """Act on the confirms that arrived: settle, in delivery order, each message whose
@@ -620,6 +671,7 @@ class _Worker:
         back to the queue with its delivery count raised, though no one started it."""
         if self.failed and self.consumer_tag is not None:
             return
+        _coalesce_pending_frames(self.conn._impl)  # an ack sends the records buffered before it
         while self.confirms:
             tag, multiple, ok = self.confirms.popleft()
             done = [tag]
@@ -664,7 +716,7 @@ class _Worker:
         deadline = time.monotonic() + timeout_s
         self._settle()
         while self.settling and time.monotonic() < deadline:
-            self.conn.process_data_events(time_limit=_TICK_S)
+            self._io(time_limit=_TICK_S)
             self._settle()
         if self.settling:
             self.say(
@@ -697,7 +749,7 @@ class _Worker:
                 # hold is used up, else now and then, so acks keep the window moving.
                 if not self.deliveries or since_poll >= _POLL_EVERY:
                     since_poll = 0
-                    self.conn.process_data_events(time_limit=0)
+                    self._io(time_limit=0)
                     self._settle()
                 continue
             if self.failed and self.consumer_tag is not None:
@@ -705,14 +757,14 @@ class _Worker:
                 # nothing acked since, it sends no more once the window is full; short of that,
                 # a quiet moment means the queue has no more for us.
                 if self.held < self.prefetch:
-                    self.conn.process_data_events(time_limit=_QUIET_S)
+                    self._io(time_limit=_QUIET_S)
                     if self.deliveries:
                         continue
                 self._cancel()
             if self.failed or self.consumer_tag is None:
                 return self._finish()
             if self.settling:  # records in flight: wait for their confirms, not for the idle time
-                self.conn.process_data_events(time_limit=_TICK_S)
+                self._io(time_limit=_TICK_S)
                 self._settle()
                 idle_since = time.monotonic()
                 continue
@@ -720,7 +772,7 @@ class _Worker:
             if remaining <= 0:
                 self._cancel()
                 return self._idle_exit(time.monotonic() - idle_since)
-            self.conn.process_data_events(time_limit=min(remaining, _TICK_S))
+            self._io(time_limit=min(remaining, _TICK_S))
             self._settle()
 
     def _finish(self) -> int:
@@ -776,7 +828,7 @@ class _Worker:
         started as ``interrupted`` and leave them unacked; settle what is done; exit."""
         assert self.signal is not None
         with contextlib.suppress(Exception):
-            self.conn.process_data_events(time_limit=0)  # hand over what already arrived
+            self._io(time_limit=0)  # hand over what already arrived
         self._cancel()
         held = list(self.deliveries)
         self.deliveries.clear()
@@ -787,9 +839,10 @@ class _Worker:
         )
         if current is not None:
             item, started = current
-            self.executor.stop(self.opts.grace_s)
-            # A stopped command's exit code and stderr; a function is left running.
-            res = self.executor.result(1.0) if self.opts.call is None else None
+            res = None
+            if self.executor is not None:  # a stopped command's exit code and stderr
+                self.executor.stop(self.opts.grace_s)
+                res = self.executor.result(1.0)
             self._publish_record(item.record(INTERRUPTED, res, time.monotonic() - started))
         for method, props, body in held:
             del method
@@ -812,14 +865,25 @@ class _Worker:
         if self.chatty:
             self.say(f"item {item.item_id!r} attempt {item.attempt}: started")
         started = time.monotonic()
-        self.executor.submit(body, env)
-        res = self.executor.result(_TICK_S)
-        while res is None:
-            if self.signal is not None:
-                return self._stop_on_signal((item, started))
-            self.conn.process_data_events(time_limit=0)
-            self._settle()
+        if self.call is not None:
+            self.calling = (item, started)
+            self.io.release()
+            try:
+                res: _Result | None = _call_item(self.call, body)
+            finally:
+                self.io.acquire()
+                self.calling = None
+        else:
+            assert self.executor is not None
+            self.executor.submit(body, env)
             res = self.executor.result(_TICK_S)
+            while res is None:
+                if self.signal is not None:
+                    return self._stop_on_signal((item, started))
+                self._io(time_limit=0)
+                self._settle()
+                res = self.executor.result(_TICK_S)
+        assert res is not None
         duration = time.monotonic() - started
         self.processed += 1
         if res.exit_code == 0:
@@ -907,6 +971,13 @@ class _Item:
 
 
 _RECORD_PROPS = pika.BasicProperties(content_type=RECORD_CONTENT_TYPE, delivery_mode=PERSISTENT)
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(OutcomeRecord))
+
+
+def _record_json(rec: OutcomeRecord) -> bytes:
+    """``rec.to_json()``, the same bytes, without the deep copy of `dataclasses.asdict` (a
+    worker writes thousands of records a second)."""
+    return json.dumps({k: getattr(rec, k) for k in _RECORD_FIELDS}, separators=(",", ":")).encode()
 
 
 def _noop() -> None:
@@ -956,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id=os.environ.get("QUEUEJOB_RUN_ID", ""),
         pod=pod,
         opts=opts,
-        executor=_Executor(call=fn, argv=opts.command),
+        call=fn,
     )
     return worker.run()
 

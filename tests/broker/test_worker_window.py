@@ -155,3 +155,15 @@ def test_a_refused_record_leaves_its_message_unacked(
     # back in the queue. Nothing is lost.
     wait_until(lambda: ready_count(broker_url, qs.name) == 7, what="7 items back in the queue")
     assert ready_count(broker_url, qs.results_name) == 3
+
+
+def test_the_worker_writes_records_exactly_as_the_ledger_reads_them() -> None:
+    from flows.core.ledger import OutcomeRecord
+    from flows.worker import _record_json
+
+    rec = OutcomeRecord(
+        run_id="r", status=FAILED, item_id="i-1", index=3, attempt=2, pod="p", exit_code=7,
+        duration_s=0.25, stderr_tail="boom \u00e9\n", ts=1.5,
+    )  # fmt: skip
+    assert _record_json(rec) == rec.to_json()
+    assert OutcomeRecord.from_json(_record_json(rec)) == rec
