@@ -588,7 +588,9 @@ class _Worker:
                     code = self._stop_on_signal(self.calling)
                     with contextlib.suppress(Exception):
                         self.conn.close()
-                    sys.stderr.flush()
+                    for stream in (sys.stdout, sys.stderr):
+                        with contextlib.suppress(Exception):
+                            stream.flush()
                     os._exit(code)
                 self._io(time_limit=0)
                 self._settle()
