@@ -17,6 +17,7 @@ from flows.adapters.broker import (
     QueueSettings,
     dead_letter_ids,
     declare_queues,
+    delete_queues,
     fill_queue,
     queue_depths,
 )
@@ -167,3 +168,32 @@ def test_the_worker_writes_records_exactly_as_the_ledger_reads_them() -> None:
     )  # fmt: skip
     assert _record_json(rec) == rec.to_json()
     assert OutcomeRecord.from_json(_record_json(rec)) == rec
+
+
+def test_classic_queue_failure_counting_holds_in_fine_mode(
+    cfg: BrokerConfig, queue_name: str, run_id: str, broker_url: str
+) -> None:
+    qs = QueueSettings(queue_name, queue_type="classic")
+    values = ["ok0", "poison", "ok1", "ok2"]
+    try:
+        ids = _fill(cfg, qs, values, run_id)
+        env = worker_env(broker_url, qs.name, run_id, "pod-cf", QUEUEJOB_DELIVERY_LIMIT="1")
+        call = [*FINE, "--call", "tests.broker.worker_calls:process"]
+        codes = []
+        for _ in range(6):
+            pod = run_worker(call, env)
+            codes.append(pod.returncode)
+            if "no work" in pod.stderr:
+                break
+        assert codes[-1] == 0 and set(codes[:-1]) == {EXIT_ITEM_FAILED}, codes
+        wait_until(lambda: queue_depths(cfg, qs)["dead"].ready == 1, what="the dead letter")
+        assert dead_letter_ids(cfg, qs, run_id=run_id) == [ids["poison"]]
+        assert ready_count(broker_url, qs.name) == 0
+        records = collect_records(cfg, qs, run_id, count=6)
+        assert len(records) == 6  # 3 successes, 2 failures, 1 no work
+        poison = sorted(r.attempt for r in records if r.item_id == ids["poison"])
+        assert poison == [1, 2]
+        ok = Counter(r.item_id for r in records if r.status == SUCCEEDED)
+        assert ok == {ids[v]: 1 for v in values if v != "poison"}
+    finally:
+        delete_queues(cfg, qs)
