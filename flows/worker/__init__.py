@@ -127,7 +127,7 @@ _KEEP_AFTER_S = 1.0  # a call running longer than this has the keeper serve the 
 _POLL_EVERY = 32  # items between looks at the connection while messages are held
 _DRAIN_S = 30.0  # at the end, how long to wait for the last confirms
 _SIGNAL_DRAIN_S = 5.0  # the same after a signal or a refused record
-_QUIET_S = 0.05  # after a failure, no delivery for this long: the broker sent what it had
+_QUIET_S = 0.25  # after a failure, no delivery for this long: the broker sent what it had
 _PIPE_CHUNK = 65536
 _ORPHAN_PIPE_S = 2.0  # after the command exits, how long a grandchild may hold its pipes
 
