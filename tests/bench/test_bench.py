@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as bench_main
-from bench import detection, fill, report
+from bench import detection, fill, overhead, report
 from bench.common import (
     BenchError,
     Context,
@@ -208,6 +208,24 @@ def test_docs_loop_and_c_client_deliver_every_message(broker_url: str, tmp_path:
     assert fill.fill_docs_loop(cfg, tool, auth, 5) > 0
     assert fill.fill_c_client(cfg, tool, auth, lines, 300) > 0
     assert fill.fill_c_client(cfg, tool, auth, lines, 300, docs_queue=True) > 0
+
+
+@pytest.mark.broker
+def test_worker_and_bare_consumer_paces_drain_their_queues(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = broker_io.BrokerConfig(url=broker_url)
+    names: list[str] = []
+
+    def recording_queue_name(figure: str) -> str:
+        names.append(queue_name(figure))
+        return names[-1]
+
+    monkeypatch.setattr(overhead, "queue_name", recording_queue_name)
+    # Each checks that every item was done (the worker: a succeeded record for each).
+    assert overhead.worker_pace(cfg, 300) > 0
+    assert overhead.bare_pace(cfg, 300) > 0
+    assert len(names) == 2 and not any(_queue_exists(cfg, n) for n in names)
 
 
 @pytest.mark.broker

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 
 def process(body: bytes) -> None:
     """Succeed unless the body is ``poison``."""
     if body == b"poison":
         raise ValueError("cannot process poison")
+
+
+def slow_item(body: bytes) -> None:
+    """Succeed at once, except for the item ``slow``: announce it in the file named by
+    ``$MARK``, then take a minute (long enough to be stopped)."""
+    if body == b"slow":
+        mark = Path(os.environ["MARK"])
+        mark.with_suffix(".tmp").write_text("started")
+        mark.with_suffix(".tmp").replace(mark)
+        time.sleep(60)
