@@ -4,6 +4,7 @@
   queuejob demo                               the docs' eight items on the local backend
   queuejob render [options] -- CMD ...        print the Secret (redacted) and Job it would create
   queuejob worker [worker options] -- CMD ... the pod program (same as python -m flows.worker)
+  queuejob dead-letters QUEUE [--requeue]     list <QUEUE>.dead, or move it back to QUEUE
 
 The broker comes from a RabbitMQBroker block (--broker-block) or the QUEUEJOB_BROKER_URL
 environment variable (kept off the command line, where other users could read it).
@@ -296,6 +297,111 @@ def cmd_render(args: argparse.Namespace, command: list[str]) -> int:
     return 0
 
 
+# --- dead letters ------------------------------------------------------------------------------
+
+DEAD_LETTER_LIST_CAP = 1000
+
+
+def _broker_config(broker_block: str | None) -> Any:
+    """The broker from a RabbitMQBroker block, else QUEUEJOB_BROKER_URL (without importing
+    Prefect when no block is named)."""
+    if broker_block:
+        from flows.tasks import resolve_broker
+
+        return resolve_broker(broker_block)
+    from flows.adapters.broker import BrokerConfig
+    from flows.core.errors import ConfigError
+
+    url = os.environ.get("QUEUEJOB_BROKER_URL")
+    if not url:
+        raise ConfigError(
+            "no broker configured: pass --broker-block <name of a RabbitMQBroker block>, or set "
+            "QUEUEJOB_BROKER_URL"
+        )
+    return BrokerConfig(url=url)
+
+
+def _add_dead_letter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("queue", help="the work queue; its dead letters are in <QUEUE>.dead")
+    p.add_argument(
+        "--requeue",
+        action="store_true",
+        help="move the dead letters back to QUEUE (confirmed, then acked; safe to run again)",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        help=f"at most N dead letters, oldest first (default: all; a listing shows at most "
+        f"{DEAD_LETTER_LIST_CAP})",
+    )
+    p.add_argument("--broker-block", default=None, help="RabbitMQBroker block name")
+
+
+def _short(run_id: str | None) -> str:
+    return (run_id or "-")[:8]
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from flows.adapters import dead_letters as dl
+    from flows.adapters.broker import QueueSettings
+    from flows.core.dead_letters import plural
+    from flows.core.errors import QueueJobError
+
+    try:
+        qs = QueueSettings(args.queue)
+        cfg = _broker_config(args.broker_block)
+        if args.requeue:
+
+            def show(letter: Any, published: bool) -> None:
+                what = "requeued" if published else "already back (an earlier requeue)"
+                print(f"{what}: {letter.item_id}  (run {_short(letter.run_id)})", flush=True)
+
+            result = dl.requeue_dead_letters(cfg, qs, limit=args.limit, on_requeued=show)
+            print(
+                f"{plural(result.requeued, 'dead letter')} moved back to {qs.name!r}"
+                + (
+                    f", {result.already_requeued} already there from an interrupted requeue"
+                    if result.already_requeued
+                    else ""
+                )
+                + f"; {result.remaining} left in {qs.dead_name!r}"
+            )
+            return 0
+        cap = min(args.limit or DEAD_LETTER_LIST_CAP, DEAD_LETTER_LIST_CAP)
+        listing = dl.list_dead_letters(cfg, qs, limit=cap)
+    except QueueJobError as exc:
+        print(f"queuejob: {exc}", file=sys.stderr)
+        return 1
+    _print_dead_letters(qs.dead_name, listing.total, listing.letters)
+    return 0
+
+
+def _print_dead_letters(dead_name: str, total: int, letters: list[Any]) -> None:
+    from flows.core.dead_letters import plural
+
+    print(f"queue {dead_name!r} holds {plural(total, 'dead letter')}")
+    if not letters:
+        return
+    rows = [("ITEM", "RUN", "ATTEMPTS", "REASON", "REQUEUES")]
+    for letter in letters:
+        rows.append(
+            (
+                letter.item_id,
+                _short(letter.run_id),
+                "?" if letter.attempts is None else str(letter.attempts),
+                letter.reason or "-",
+                str(letter.requeues),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if total > len(letters):
+        more = total - len(letters)
+        print(f"  ... and {more} more (--limit N shows up to {DEAD_LETTER_LIST_CAP})")
+
+
 def _exit_cleanly_on_sigterm() -> None:
     """Make SIGTERM end the process as an exception does, so its exit handlers run.
 
@@ -338,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         help="completions for 'auto' (the confirmed count at run time)",
     )
     sub.add_parser("worker", help="the pod program (see `queuejob worker --help`)")
+    _add_dead_letter_options(
+        sub.add_parser("dead-letters", help="list <QUEUE>.dead, or --requeue it back to QUEUE")
+    )
     args = parser.parse_args(argv)
     if args.cmd in ("run", "demo"):
         _exit_cleanly_on_sigterm()
@@ -347,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(args)
     if args.cmd == "render":
         return cmd_render(args, command)
+    if args.cmd == "dead-letters":
+        return cmd_dead_letters(args)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

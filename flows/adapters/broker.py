@@ -242,8 +242,13 @@ class QueueSettings:
 
     @property
     def lock_name(self) -> str:
-        """The exclusive queue a running fill holds."""
+        """The exclusive queue a running fill (or dead-letter requeue) holds."""
         return f"{self.name}.fill.lock"
+
+    @property
+    def requeued_name(self) -> str:
+        """The queue recording which dead letters a requeue moved back (adapters.dead_letters)."""
+        return f"{self.name}.requeued"
 
 
 def check_queue_name(name: str) -> str:
@@ -643,10 +648,10 @@ def declare_queues(cfg: BrokerConfig, qs: QueueSettings) -> None:
 
 
 def delete_queues(cfg: BrokerConfig, qs: QueueSettings) -> None:
-    """Delete the work, dead-letter, results and fill-marker queues with their messages.
-    Queues that do not exist are skipped."""
+    """Delete the work, dead-letter, results, fill-marker and requeue-record queues with their
+    messages. Queues that do not exist are skipped."""
     with _session(cfg) as conn:
-        for name in (qs.name, qs.dead_name, qs.results_name, qs.fill_name):
+        for name in (qs.name, qs.dead_name, qs.results_name, qs.fill_name, qs.requeued_name):
             ch = conn.channel()
             try:
                 ch.queue_delete(name)

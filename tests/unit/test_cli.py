@@ -64,3 +64,17 @@ def test_bad_numbers_are_refused_by_the_parser(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_dead_letters_without_a_broker_says_how_to_name_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QUEUEJOB_BROKER_URL", raising=False)
+    assert main(["dead-letters", "job1", "--requeue"]) == 1
+    err = capsys.readouterr().err
+    assert "no broker configured" in err and "QUEUEJOB_BROKER_URL" in err
+
+
+def test_dead_letters_refuses_a_bad_queue_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dead-letters", "job 1"]) == 1
+    assert "queue name 'job 1' contains ' '" in capsys.readouterr().err
