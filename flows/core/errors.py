@@ -45,6 +45,14 @@ class ConfigError(PermanentError):
     """Configuration (a block, a kubeconfig, a URL) is missing or unusable."""
 
 
+class LedgerNotFound(InvalidInput):
+    """A run has no stored ledger at the storage location asked for (names both)."""
+
+
+class LedgerStorageError(ConfigError):
+    """The ledger storage cannot be written or read (names the location and the cause)."""
+
+
 # --- broker ----------------------------------------------------------------------------------
 
 
