@@ -4,6 +4,7 @@
   queuejob demo                               the docs' eight items on the local backend
   queuejob render [options] -- CMD ...        print the Secret (redacted) and Job it would create
   queuejob worker [worker options] -- CMD ... the pod program (same as python -m flows.worker)
+  queuejob rerun RUN_ID [--fate F] [options]  an earlier run's failed items as a new run
   queuejob dead-letters QUEUE [--requeue]     list <QUEUE>.dead, or move it back to QUEUE
 
 The broker comes from a RabbitMQBroker block (--broker-block) or the QUEUEJOB_BROKER_URL
@@ -297,6 +298,116 @@ def cmd_render(args: argparse.Namespace, command: list[str]) -> int:
     return 0
 
 
+# --- rerun -------------------------------------------------------------------------------------
+
+# `run` options a rerun may give: argparse dest -> (flow parameter, field of it or None).
+RERUN_OVERRIDES: dict[str, tuple[str, str | None]] = {
+    "mode": ("mode", None),
+    "backend": ("backend", None),
+    "parallelism": ("job", "parallelism"),
+    "completions": ("job", "completions"),
+    "backoff_limit": ("job", "backoff_limit"),
+    "deadline": ("job", "active_deadline_seconds"),
+    "idle_timeout": ("job", "idle_timeout_seconds"),
+    "image": ("job", "image"),
+    "namespace": ("job", "namespace"),
+    "template_block": ("job", "template_block"),
+    "call": ("job", "call"),
+    "queue": ("queue", "name"),
+    "queue_type": ("queue", "type"),
+    "delivery_limit": ("queue", "delivery_limit"),
+    "stale": ("queue", "stale_messages"),
+    "broker_block": ("broker_block", None),
+    "kube_credentials_block": ("kubernetes_credentials_block", None),
+    "policy": ("caveat_policy", None),
+    "timeout": ("timeout_seconds", None),
+    "delete_queues": ("cleanup", "delete_queues"),
+}
+ITEM_OPTIONS = ("items", "file", "jsonl", "range")
+
+
+def _add_rerun_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id", metavar="RUN_ID", help="the earlier queuejob flow run's id")
+    p.add_argument(
+        "--fate",
+        action="append",
+        default=None,
+        help="which of its items: failed, dead_lettered, left, succeeded (repeat, or "
+        "comma-separate; default failed,dead_lettered,left)",
+    )
+    _add_job_options(p)
+    # No defaults: only the options given on the command line (not None, flags not False)
+    # override the earlier run's settings.
+    p.set_defaults(**{a.dest: None for a in p._actions if a.dest not in ("help", "run_id")})
+    if not any("--ledger-storage" in a.option_strings for a in p._actions):
+        p.add_argument(
+            "--ledger-storage",
+            default=None,
+            help="LocalFileSystem or RemoteFileSystem block holding the run's ledger",
+        )
+
+
+def _rerun_overrides(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
+    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    overrides: dict[str, Any] = {}
+    for dest, (param, field) in RERUN_OVERRIDES.items():
+        if dest not in given:
+            continue
+        if field is None:
+            overrides[param] = given[dest]
+        else:
+            overrides.setdefault(param, {})[field] = given[dest]
+    if given.get("keep_job"):
+        overrides.setdefault("cleanup", {})["delete_job"] = False
+    if command:
+        overrides.setdefault("job", {})["command"] = command
+    return overrides
+
+
+def cmd_rerun(args: argparse.Namespace, command: list[str]) -> int:
+    from flows.core.errors import QueueJobError
+
+    given = [name for name in ITEM_OPTIONS if getattr(args, name, None)]
+    if given:
+        print(
+            f"queuejob: a rerun takes its items from run {args.run_id}'s ledger; drop "
+            + ", ".join("ITEM..." if n == "items" else f"--{n}" for n in given),
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        from flows.adapters.ledger_storage import open_storage
+        from flows.core.rerun import parse_fates, rerun_params
+
+        fates = parse_fates(args.fate)
+        # The earlier run's report: an unknown run or a missing ledger stops here, before
+        # Prefect starts and before anything is declared or created.
+        report = open_storage(args.ledger_storage).read_report(args.run_id)
+        params = rerun_params(
+            report.get("params"),
+            run_id=args.run_id,
+            fates=fates,
+            ledger_storage=args.ledger_storage,
+            overrides=_rerun_overrides(args, command),
+        )
+        from flows.rerun import flow_kwargs
+
+        kwargs = flow_kwargs(params)
+    except (QueueJobError, ValueError) as exc:
+        print(f"queuejob: {exc}", file=sys.stderr)
+        return 2
+    problem = _prefect_api_problem()
+    if problem is not None:
+        print(f"queuejob: {problem}", file=sys.stderr)
+        return 2
+    print(
+        f"queuejob rerun: {kwargs['items'].describe()} ({kwargs.get('backend')} backend, "
+        f"queue {kwargs['queue'].name!r})",
+        flush=True,
+    )
+    return _run_flow(kwargs)
+
+
 # --- dead letters ------------------------------------------------------------------------------
 
 DEAD_LETTER_LIST_CAP = 1000
@@ -444,11 +555,14 @@ def main(argv: list[str] | None = None) -> int:
         help="completions for 'auto' (the confirmed count at run time)",
     )
     sub.add_parser("worker", help="the pod program (see `queuejob worker --help`)")
+    _add_rerun_options(
+        sub.add_parser("rerun", help="rerun an earlier run's failed, dead-lettered, left items")
+    )
     _add_dead_letter_options(
         sub.add_parser("dead-letters", help="list <QUEUE>.dead, or --requeue it back to QUEUE")
     )
     args = parser.parse_args(argv)
-    if args.cmd in ("run", "demo"):
+    if args.cmd in ("run", "demo", "rerun"):
         _exit_cleanly_on_sigterm()
     if args.cmd == "run":
         return cmd_run(args, command)
@@ -458,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_render(args, command)
     if args.cmd == "dead-letters":
         return cmd_dead_letters(args)
+    if args.cmd == "rerun":
+        return cmd_rerun(args, command)
     parser.error(f"unknown command {args.cmd}")
     return 2
 
