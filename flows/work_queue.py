@@ -383,6 +383,7 @@ def run_work_queue(
             summary=summary,
             delivery_limit=qs.delivery_limit if qs.queue_type == "quorum" else None,
             unreported_attempts=len(ledger.items_with_unreported_attempts()),
+            run_id=run_id,
         )
     )
 

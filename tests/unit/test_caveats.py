@@ -433,3 +433,19 @@ def test_redelivery_after_a_lost_attempt_explains_at_least_once() -> None:
     assert "may have run twice" in finding.message
     assert "at-least-once" in finding.advice and "idempotent" in finding.advice
     assert after(unreported_attempts=0) == []
+
+
+def test_failed_and_dead_lettered_advice_names_the_rerun_command() -> None:
+    findings = after(
+        run_id="1a2b-run",
+        dead_letters=1,
+        summary=summary(expected=8, succeeded=6, failed=1, dead_lettered=1, attempts=12),
+        state=state(JobPhase.SUCCEEDED, succeeded=8),
+    )
+    by_code = {f.code: f for f in findings}
+    dead = by_code[Code.DEAD_LETTERS].advice
+    assert "`queuejob rerun 1a2b-run --fate dead_lettered`" in dead
+    assert "`queuejob dead-letters job1 --requeue`" in dead
+    failed = by_code[Code.ITEMS_FAILED].advice
+    assert "`queuejob rerun 1a2b-run --fate failed`" in failed
+    assert "<RUN_ID>" in after(dead_letters=1)[0].advice  # no run id given: a placeholder
