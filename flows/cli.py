@@ -447,6 +447,12 @@ def _add_dead_letter_options(p: argparse.ArgumentParser) -> None:
         f"{DEAD_LETTER_LIST_CAP})",
     )
     p.add_argument("--broker-block", default=None, help="RabbitMQBroker block name")
+    p.add_argument(
+        "--ledger-storage",
+        default=None,
+        help="LocalFileSystem or RemoteFileSystem block holding the runs' ledgers (for the "
+        "exit codes and error tails)",
+    )
 
 
 def _short(run_id: str | None) -> str:
@@ -484,25 +490,69 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     except QueueJobError as exc:
         print(f"queuejob: {exc}", file=sys.stderr)
         return 1
-    _print_dead_letters(qs.dead_name, listing.total, listing.letters)
+    known = _ledger_details(listing.letters, args.ledger_storage)
+    _print_dead_letters(qs.dead_name, listing.total, listing.letters, known)
     return 0
 
 
-def _print_dead_letters(dead_name: str, total: int, letters: list[Any]) -> None:
+def _ledger_details(letters: list[Any], ledger_storage: str | None) -> dict[tuple[str, str], Any]:
+    """(run id, item id) -> (attempts, exit code, error tail) from the runs' ledgers, for the
+    dead letters listed; runs without a stored ledger are skipped. For a quorum queue's dead
+    letter without a ledger row, attempts come from the run's delivery limit."""
+    from flows.adapters.ledger_storage import open_storage
+    from flows.core.dead_letters import attempts_from
+    from flows.core.errors import QueueJobError
+
+    wanted: dict[str, set[str]] = {}
+    for letter in letters:
+        if letter.run_id:
+            wanted.setdefault(letter.run_id, set()).add(letter.item_id)
+    out: dict[tuple[str, str], Any] = {}
+    if not wanted:
+        return out
+    try:
+        storage = open_storage(ledger_storage)
+    except QueueJobError:
+        return out
+    for run_id, ids in wanted.items():
+        try:
+            params = storage.read_report(run_id).get("params") or {}
+            limit = (params.get("queue") or {}).get("delivery_limit")
+            for item_id in ids:
+                attempts = attempts_from(reason="delivery_limit", failures=0, delivery_limit=limit)
+                out[(run_id, item_id)] = (attempts, None, "")
+            for row in storage.iter_rows(run_id, {"dead_lettered", "failed"}):
+                if row.get("item_id") in ids:
+                    key = (run_id, row["item_id"])
+                    out[key] = (row.get("attempts"), row.get("exit_code"), row.get("error_tail"))
+        except (QueueJobError, ValueError):
+            continue
+    return out
+
+
+def _print_dead_letters(
+    dead_name: str, total: int, letters: list[Any], known: dict[tuple[str, str], Any]
+) -> None:
     from flows.core.dead_letters import plural
 
     print(f"queue {dead_name!r} holds {plural(total, 'dead letter')}")
     if not letters:
         return
-    rows = [("ITEM", "RUN", "ATTEMPTS", "REASON", "REQUEUES")]
+    rows = [("ITEM", "RUN", "ATTEMPTS", "REASON", "EXIT", "LAST ERROR")]
     for letter in letters:
+        attempts, exit_code, tail = known.get((letter.run_id, letter.item_id), (None, None, ""))
+        if letter.attempts is not None:  # counted by the worker: exact
+            attempts = letter.attempts
+        lines = [line.strip() for line in (tail or "").splitlines() if line.strip()]
+        last = lines[-1] if lines else "-"
         rows.append(
             (
                 letter.item_id,
                 _short(letter.run_id),
-                "?" if letter.attempts is None else str(letter.attempts),
+                "?" if attempts is None else str(attempts),
                 letter.reason or "-",
-                str(letter.requeues),
+                "-" if exit_code is None else str(exit_code),
+                last if len(last) <= 60 else last[:57] + "...",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

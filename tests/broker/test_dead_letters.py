@@ -7,12 +7,14 @@ again: each dead letter ends up in the work queue exactly once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pika
 import pytest
@@ -99,9 +101,9 @@ def _put_dead_letters(url: str, qs: QueueSettings, run_id: str, n: int) -> None:
     wait_until(lambda: ready_count(url, qs.dead_name) == n, what=f"{n} dead letters")
 
 
-def _cli(*args: str, url: str) -> subprocess.Popen[str]:
+def _cli(*args: str, url: str, **env_extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUEUEJOB_")}
-    env.update(QUEUEJOB_BROKER_URL=url, PYTHONPATH=str(ROOT))
+    env.update(QUEUEJOB_BROKER_URL=url, PYTHONPATH=str(ROOT), **env_extra)
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "dead-letters", *args],
         cwd=ROOT,
@@ -133,6 +135,40 @@ def test_listing_shows_each_dead_letter_and_consumes_none(
         (str(i), run_id[:8], "delivery_limit") for i in range(3)
     ]
     assert ready_count(broker_url, dq.dead_name) == 3
+
+
+def test_listing_adds_what_the_runs_ledger_knows(
+    cfg: BrokerConfig, dq: QueueSettings, run_id: str, broker_url: str, tmp_path: Path
+) -> None:
+    _dead_lettered(broker_url, cfg, dq, run_id, 2)
+    run_dir = tmp_path / run_id
+    run_dir.mkdir()
+    report = {"run_id": run_id, "params": {"queue": {"name": dq.name, "delivery_limit": 1}}}
+    (run_dir / "report.json").write_text(json.dumps(report))
+    row = {"item_id": "0", "index": 0, "status": "dead_lettered", "attempts": 2, "pod": "p",
+           "exit_code": 7, "duration_s": 0.1, "error_tail": "Traceback\nboom: bad item 0\n",
+           "body": "0"}  # fmt: skip
+    (run_dir / "ledger.jsonl").write_text(json.dumps(row) + "\n")
+
+    proc = _cli(dq.name, url=broker_url, QUEUEJOB_LEDGER_DIR=str(tmp_path))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    header, first, second = out.splitlines()[1:]
+    assert header.split()[:5] == ["ITEM", "RUN", "ATTEMPTS", "REASON", "EXIT"]
+    # Item 0: the ledger's attempts, exit code and the last line of its error tail.
+    assert first.split() == [
+        "0",
+        run_id[:8],
+        "2",
+        "delivery_limit",
+        "7",
+        "boom:",
+        "bad",
+        "item",
+        "0",
+    ]
+    # Item 1 has no ledger row: attempts from the run's delivery limit, nothing else known.
+    assert second.split() == ["1", run_id[:8], "2", "delivery_limit", "-", "-"]
 
 
 def test_requeue_moves_each_back_once_with_a_fresh_set_of_attempts(
