@@ -1,14 +1,20 @@
 """Watching a running Job: outcome records into the ledger, live caveats, progress.
 
 The backend's `wait` calls `RunMonitor.on_update` on every Job change and at least once a tick;
-each call drains the results queue into the ledger (one task for the whole run, however many
-items), reads the work queue's depth, checks the live caveat (queue drained while pods still wait)
-and reports progress to listeners (the Prefect progress artifact, the CLI's progress bar).
+each call drains the results queue into the ledger in batches (one task for the whole run,
+however many items), reads the work queue's depth, checks the live caveat (queue drained while
+pods still wait) and reports progress to listeners (the Prefect progress artifact, the CLI's
+progress bar).
 
 A broker that goes away while the pods run (a restart, a failover) does not end the wait: the Job
 goes on without the flow, outcome records wait in the durable results queue, and the monitor
 picks up where it left off once the broker answers again. The Job's own conditions and the run's
 deadline still bound the wait.
+
+Records are taken in batches of at most half of ``max_unacked`` (the consumer's prefetch, so the
+broker never has more than that many unacknowledged), each saved by the ledger (a checkpoint in
+the ledger storage, then the local store) before it is acknowledged: the broker keeps sending
+the next batch while one is being saved.
 """
 
 from __future__ import annotations
@@ -19,10 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flows.adapters import broker as broker_io
+from flows.adapters.ledger_store import RunLedger
 from flows.core import caveats
 from flows.core.errors import BrokerUnavailable
 from flows.core.job_status import JobState
-from flows.core.ledger import FATE_SUCCEEDED, Ledger
+
+DEFAULT_MAX_UNACKED = 10_000
+# One on_update keeps taking full batches for at most this long, so a burst of records is
+# absorbed at the store's pace while the Job's events and the broker's depth are still read.
+DRAIN_SLICE_S = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +79,14 @@ class RunMonitor:
 
     cfg: broker_io.BrokerConfig
     qs: broker_io.QueueSettings
-    ledger: Ledger
+    ledger: RunLedger
     mode: str
     idle_timeout_s: float
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
     listeners: list[ProgressListener] = field(default_factory=list)
     findings: list[caveats.Finding] = field(default_factory=list)
     min_report_interval_s: float = 1.0
+    max_unacked: int = DEFAULT_MAX_UNACKED
     _consumer: broker_io.ResultsConsumer | None = None
     _dead_baseline: int | None = None
     _last_report: float = 0.0
@@ -87,9 +99,14 @@ class RunMonitor:
     last_ready: int = 0
     dead_delta: int = 0
     _broker_lost_at: float | None = None
+    _max_unacked_seen: int = 0
 
     def __enter__(self) -> RunMonitor:
-        self._consumer = broker_io.ResultsConsumer(self.cfg, self.qs, run_id=self.ledger.run_id)
+        if self.max_unacked < 2:
+            raise ValueError(f"max_unacked must be at least 2 (got {self.max_unacked})")
+        self._consumer = broker_io.ResultsConsumer(
+            self.cfg, self.qs, run_id=self.ledger.run_id, prefetch=self.max_unacked
+        )
         try:
             depths = broker_io.queue_depths(self.cfg, self.qs)
         except BrokerUnavailable as exc:
@@ -104,12 +121,36 @@ class RunMonitor:
             self._consumer.close()
             self._consumer = None
 
-    def drain(self, max_wait_s: float = 0.0) -> int:
-        """Fold available outcome records into the ledger; return how many arrived."""
-        assert self._consumer is not None
-        records = self._consumer.drain(max_wait_s=max_wait_s)
-        self.ledger.add_all(records)
-        return len(records)
+    @property
+    def batch_size(self) -> int:
+        """Records saved and acknowledged together: half the bound, so the broker can send
+        the next half while one is saved."""
+        return max(1, self.max_unacked // 2)
+
+    @property
+    def max_unacked_seen(self) -> int:
+        """The most records this monitor held unacknowledged at once."""
+        return self._max_unacked_seen
+
+    def drain(self, max_wait_s: float = 0.0, slice_s: float = DRAIN_SLICE_S) -> int:
+        """Save available outcome records in the ledger batch by batch, acknowledging each
+        batch once saved; keep going while batches come full, for up to ``slice_s``. Return
+        how many deliveries were taken."""
+        consumer = self._consumer
+        assert consumer is not None
+        until = time.monotonic() + slice_s
+        taken = 0
+        while True:
+            batch = consumer.take(max_wait_s=max_wait_s, max_records=self.batch_size)
+            self._max_unacked_seen = max(self._max_unacked_seen, consumer.max_unacked_seen)
+            if batch.messages == 0:
+                return taken
+            self.ledger.absorb(batch.records)  # durable before the ack
+            consumer.ack(batch)
+            taken += batch.messages
+            if batch.messages < self.batch_size or time.monotonic() >= until:
+                return taken
+            max_wait_s = 0.0
 
     def drain_until_quiet(
         self, *, quiet_s: float = 1.0, cap_s: float = 10.0, broker_wait_s: float = 120.0
@@ -139,7 +180,7 @@ class RunMonitor:
                 last_new = time.monotonic()
 
     def _succeeded(self) -> int:
-        return sum(1 for e in self.ledger.items.values() if e.fate == FATE_SUCCEEDED)
+        return self.ledger.succeeded
 
     def _refresh_depth(self) -> None:
         depths = broker_io.queue_depths(self.cfg, self.qs)
@@ -159,7 +200,7 @@ class RunMonitor:
 
     def progress(self, state: JobState | None) -> Progress:
         """The current progress numbers."""
-        failed_attempts = sum(e.failures for e in self.ledger.items.values())
+        failed_attempts = self.ledger.failed_attempts
         return Progress(
             expected=self.ledger.expected,
             succeeded=self._succeeded(),

@@ -233,3 +233,14 @@ def purge_results(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> i
 def delete_queues(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> None:
     """Delete the work, dead-letter, results and fill-marker queues."""
     broker_io.delete_queues(cfg, qs)
+
+
+@task(name="check-ledger-storage", **{**RETRIES, "retries": 2})
+def check_ledger_storage(block_name: str | None, run_id: str) -> str:
+    """Open the ledger storage (a LocalFileSystem / RemoteFileSystem block, or the default
+    directory) and check that the run's ledger can be written there; return its location."""
+    from flows.adapters.ledger_storage import open_storage
+
+    storage = open_storage(block_name)
+    storage.check_writable(run_id)
+    return storage.location(run_id)

@@ -3,18 +3,22 @@
 wait_for_broker -> declare_queue -> (stale check) -> fill_queue -> plan + pre-check -> create_job
 -> wait_for_job (ledger, progress, live caveats) -> post-check + report -> cleanup.
 
+The ledger is an on-disk store fed in batches (`flows.adapters.ledger_store`), checkpointed to
+the run's ledger storage (a Prefect filesystem block, `ledger_storage`) before the outcome
+records in each batch are acknowledged; at the end the storage gets the final ledger (one JSON
+row per item) and the report. The storage is checked for writing before anything else happens.
+
 A retry of the flow run (same flow-run id) re-attaches: the fill's marker makes the fill a no-op,
-the Job's run label makes create adopt it, and the wait picks the Job up where it is.
+the Job's run label makes create adopt it, the ledger is rebuilt from the checkpoints in the
+storage (a fresh pod with an empty disk loses nothing), and the wait picks the Job up where it is.
 Cancellation and crashes delete the run's Job, pods and Secret from hooks that find them by label
 (hooks run in another process than the flow, so they use no in-memory state).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Literal, cast
 from uuid import UUID
 
@@ -32,12 +36,13 @@ from pydantic import ValidationError
 
 from flows import tasks
 from flows.adapters import broker as broker_io
+from flows.adapters.ledger_storage import LedgerStorage, open_storage
+from flows.adapters.ledger_store import RunLedger
 from flows.core import caveats
 from flows.core.backend import JobHandle
 from flows.core.errors import InvalidInput, JobFailed, QueueJobError
 from flows.core.items import ItemSource
 from flows.core.job_status import JobPhase, JobState
-from flows.core.ledger import Ledger
 from flows.core.manifest import (
     ITEMS_ANNOTATION,
     JobSpec,
@@ -47,7 +52,7 @@ from flows.core.manifest import (
     run_labels,
     secret_name,
 )
-from flows.monitor import Progress, RunMonitor
+from flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
 from flows.params import CleanupParams, JobParams, QueueParams, default_items, job_spec_from
 
 TABLE_ROW_CAP = 500
@@ -55,6 +60,10 @@ LOCAL_IMAGE = "localhost/queuejob:local"
 # Fault injection for tests, on a flow run's first attempt only: "crash-after-create-job", or
 # "crash-after-wait" (the Job is done and its records read, the ledger not yet saved).
 FAULT_ENV = "QUEUEJOB_FAULT"
+# How many outcome records the flow may hold unacknowledged at once (the results consumer's
+# prefetch); records are saved in batches of half of it.
+MAX_UNACKED_ENV = "QUEUEJOB_MAX_UNACKED_RECORDS"
+TABLE_BODY_CAP = 200
 
 
 def _run_id() -> str:
@@ -64,9 +73,20 @@ def _run_id() -> str:
     return str(rid)
 
 
-def _ledger_dir() -> Path:
-    base = os.environ.get("QUEUEJOB_LEDGER_DIR")
-    return Path(base) if base else Path.home() / ".cache" / "queuejob" / "ledgers"
+def _max_unacked() -> int:
+    raw = os.environ.get(MAX_UNACKED_ENV)
+    if not raw:
+        return DEFAULT_MAX_UNACKED
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 2 <= value <= 65535:
+        raise InvalidInput(
+            f"{MAX_UNACKED_ENV}={raw!r}: give a whole number of outcome records from 2 to 65535 "
+            f"(default {DEFAULT_MAX_UNACKED})"
+        )
+    return value
 
 
 def _job_spec(job: JobParams, mode: str, backend: str) -> JobSpec:
@@ -126,18 +146,19 @@ def wait_for_job(
     handle: JobHandle,
     cfg: broker_io.BrokerConfig,
     qs: broker_io.QueueSettings,
-    ledger: Ledger,
+    ledger: RunLedger,
     mode: str,
     idle_timeout_s: float,
     timeout_s: float,
     findings: list[caveats.Finding],
+    stats: dict[str, int],
 ) -> JobState:
     """Wait for the Job to be decided while the results queue feeds the ledger.
 
-    The ledger and findings are the flow's own objects, filled in place, so a retry of this task
-    keeps what an earlier attempt already took from the results queue. The records stay in the
-    queue (unacknowledged) until the flow has saved the ledger, so a flow run that dies before
-    then and is retried reads them all again; the ledger takes each record once.
+    The ledger, findings and stats are the flow's own objects, filled in place, so a retry of
+    this task keeps what an earlier attempt already took. Records are acknowledged only once the
+    batch holding them is checkpointed in the ledger storage, so a flow run that dies and is
+    retried (in a fresh pod too) loses none; the ledger takes each record once.
     """
     logger = get_run_logger()
     backend = tasks.make_backend(choice)
@@ -149,6 +170,7 @@ def wait_for_job(
         idle_timeout_s=idle_timeout_s,
         logger=logger,
         listeners=[_progress_artifact_listener(handle.run_id)],
+        max_unacked=stats.get("max_unacked_allowed", DEFAULT_MAX_UNACKED),
     )
     try:
         with monitor:
@@ -163,6 +185,7 @@ def wait_for_job(
         raise
     finally:
         findings.extend(f for f in monitor.findings if f not in findings)
+        stats["max_unacked_seen"] = max(stats.get("max_unacked_seen", 0), monitor.max_unacked_seen)
     return state
 
 
@@ -194,7 +217,7 @@ def _report_markdown(report: dict[str, Any], findings: list[caveats.Finding]) ->
         for pf in report["pod_failures"][:20]:
             tail = pf["log_tail"].strip().replace("\n", "\n    ")
             lines += [f"- `{pf['pod']}` exit {pf['exit_code']} ({pf['reason']}):", f"    {tail}"]
-    lines += ["", f"Full ledger (JSON Lines): `{report['ledger_path']}`"]
+    lines += ["", f"Full ledger (JSON Lines, one row per item): `{report['ledger_path']}`"]
     return "\n".join(lines)
 
 
@@ -242,6 +265,7 @@ def run_work_queue(
     timeout_seconds: float = 3600.0,
     broker_wait_seconds: float = 60.0,
     cleanup: CleanupParams = CleanupParams(),  # noqa: B008
+    ledger_storage: str | None = None,
 ) -> dict[str, Any]:
     """Process every item exactly once with a Job of pods taking items from a RabbitMQ queue.
 
@@ -258,6 +282,9 @@ def run_work_queue(
         timeout_seconds: wall-clock limit for waiting on the Job.
         broker_wait_seconds: how long to wait for the broker to answer.
         cleanup: what to delete after success.
+        ledger_storage: name of a LocalFileSystem or RemoteFileSystem block (any fsspec URL:
+            s3://, gs://, az://, ...) where the ledger is kept, checkpointed as the run goes
+            (else QUEUEJOB_LEDGER_DIR, default ~/.cache/queuejob/ledgers).
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -273,6 +300,26 @@ def run_work_queue(
     choice = tasks.BackendChoice(kind=backend, credentials_block=kubernetes_credentials_block)
     n_items = tasks.validate_items(items)
     logger.info("%d items from %s; broker %s", n_items, items.describe(), cfg.redacted())
+    max_unacked = _max_unacked()
+    # Where the ledger goes, checked for writing before anything happens (fail early rather
+    # than after the Job has done the work).
+    ledger_location = tasks.check_ledger_storage(ledger_storage, run_id)
+    storage = open_storage(ledger_storage)
+    logger.info("ledger storage: %s", ledger_location)
+    params = {
+        "items": items.model_dump(mode="json"),
+        "queue": queue.model_dump(mode="json"),
+        "job": job.model_dump(mode="json"),
+        "mode": mode,
+        "backend": backend,
+        "broker_block": broker_block,
+        "kubernetes_credentials_block": kubernetes_credentials_block,
+        "caveat_policy": caveat_policy,
+        "timeout_seconds": timeout_seconds,
+        "broker_wait_seconds": broker_wait_seconds,
+        "cleanup": cleanup.model_dump(mode="json"),
+        "ledger_storage": ledger_storage,
+    }
     # A namespace that does not exist would only show when the Job is created, after the queue
     # was filled: check it while nothing has happened yet.
     tasks.check_namespace(choice, spec.namespace)
@@ -342,7 +389,71 @@ def run_work_queue(
     if os.environ.get(FAULT_ENV) == "crash-after-create-job" and runtime_flow_run.run_count <= 1:
         raise RuntimeError("fault injection: crash after create_job (first attempt only)")
 
-    ledger = Ledger(run_id=run_id, expected=confirmed)
+    # The ledger: rebuilt from the storage's checkpoints (a retry goes on from them), and
+    # taught the items from the source while the pods already work.
+    ledger = RunLedger.open(storage, run_id, expected=confirmed)
+    try:
+        if ledger.records:
+            logger.info(
+                "ledger: %d outcome records from %d checkpoints of an earlier attempt",
+                ledger.records,
+                ledger.segments,
+            )
+        ledger.load_items(tasks.source_items(items))
+        return _wait_and_report(
+            ledger=ledger,
+            storage_location=ledger_location,
+            storage=storage,
+            params=params,
+            choice=choice,
+            handle=handle,
+            cfg=cfg,
+            qs=qs,
+            mode=mode,
+            spec=spec,
+            name=name,
+            backend=backend,
+            n_items=n_items,
+            confirmed=confirmed,
+            completions=completions,
+            timeout_seconds=timeout_seconds,
+            findings=findings,
+            cleanup=cleanup,
+            caveat_policy=caveat_policy,
+            started=started,
+            max_unacked=max_unacked,
+        )
+    finally:
+        ledger.close()
+
+
+def _wait_and_report(
+    *,
+    ledger: RunLedger,
+    storage_location: str,
+    storage: LedgerStorage,
+    params: dict[str, Any],
+    choice: tasks.BackendChoice,
+    handle: JobHandle,
+    cfg: broker_io.BrokerConfig,
+    qs: broker_io.QueueSettings,
+    mode: str,
+    spec: JobSpec,
+    name: str,
+    backend: str,
+    n_items: int,
+    confirmed: int,
+    completions: int | None,
+    timeout_seconds: float,
+    findings: list[caveats.Finding],
+    cleanup: CleanupParams,
+    caveat_policy: Literal["warn", "fail"],
+    started: float,
+    max_unacked: int,
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    run_id = ledger.run_id
+    stats: dict[str, int] = {"max_unacked_allowed": max_unacked, "max_unacked_seen": 0}
     state = wait_for_job(  # type: ignore[call-overload]
         choice,
         handle,
@@ -354,6 +465,7 @@ def run_work_queue(
         spec.idle_timeout_seconds,
         timeout_seconds,
         quote(findings),
+        quote(stats),
     )
     if os.environ.get(FAULT_ENV) == "crash-after-wait" and runtime_flow_run.run_count <= 1:
         raise RuntimeError("fault injection: crash after the wait (first attempt only)")
@@ -382,17 +494,12 @@ def run_work_queue(
             dead_letters=len(dead_ids),
             summary=summary,
             delivery_limit=qs.delivery_limit if qs.queue_type == "quorum" else None,
-            unreported_attempts=len(ledger.items_with_unreported_attempts()),
+            unreported_attempts=ledger.unreported_attempts(),
             run_id=run_id,
         )
     )
 
-    ledger_path = _ledger_dir() / f"{run_id}.jsonl"
-    ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    with ledger_path.open("w") as fh:
-        for row in ledger.rows():
-            fh.write(json.dumps(row) + "\n")
-
+    ledger_path = storage.write_rows(run_id, ledger.rows())
     report: dict[str, Any] = {
         "run_id": run_id,
         "job": name,
@@ -408,11 +515,17 @@ def run_work_queue(
         "summary": summary.as_dict(),
         "findings": [f.as_dict() for f in findings],
         "pod_failures": pod_failures,
-        "ledger_path": str(ledger_path),
+        "ledger": storage_location,
+        "ledger_path": ledger_path,
+        "ledger_records": ledger.records,
+        "max_unacked_records": stats.get("max_unacked_seen", 0),
         "wall_time_s": round(time.monotonic() - started, 2),
         "labels": run_labels(run_id),
+        # The run whose ledger this one's items came from (queuejob rerun), else None.
+        "rerun_of": _rerun_of(params),
     }
-    rows = list(_capped(ledger.rows(), TABLE_ROW_CAP))
+    storage.write_report(run_id, {**report, "params": params})
+    rows = [_table_row(r) for r in ledger.rows(limit=TABLE_ROW_CAP)]
     create_table_artifact(
         table=rows,
         key=f"queuejob-ledger-{run_id[:8]}",
@@ -457,8 +570,15 @@ def run_work_queue(
     return report
 
 
-def _capped(rows: Any, cap: int) -> Any:
-    for i, row in enumerate(rows):
-        if i >= cap:
-            return
-        yield row
+def _table_row(row: dict[str, Any]) -> dict[str, Any]:
+    body = row.get("body") or ""
+    if len(body) > TABLE_BODY_CAP:
+        row = {**row, "body": body[:TABLE_BODY_CAP] + "..."}
+    return row
+
+
+def _rerun_of(params: dict[str, Any]) -> str | None:
+    """The earlier run a rerun's items come from (an item source of kind 'ledger')."""
+    items = params.get("items") or {}
+    run_id = items.get("run_id") if items.get("kind") == "ledger" else None
+    return str(run_id) if run_id else None

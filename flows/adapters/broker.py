@@ -1356,19 +1356,35 @@ def _header_str(value: Any) -> str | None:
 # --- results -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ResultBatch:
+    """Records taken from the results queue in one `ResultsConsumer.take`, and what to
+    acknowledge once they are saved: every delivery up to ``last_tag`` on the channel
+    ``channel_gen`` (foreign and malformed messages included)."""
+
+    records: list[OutcomeRecord]
+    last_tag: int
+    channel_gen: int
+    messages: int
+
+
 class ResultsConsumer:
     """Reads outcome records from ``<name>.results`` while the flow waits for the Job.
 
-    Use as a context manager. `drain` returns this run's records and leaves them
-    unacknowledged: they go back to the queue when the consumer closes, so a flow run that dies
-    before its ledger is written loses none, and its retry reads them all again. The flow
-    removes them with `purge_results` once the ledger is saved. So a consumer takes every
-    record the broker has for it (no prefetch limit), and a reconnect, or a retried wait,
-    sees the records it already returned again: the ledger drops such duplicates.
+    Use as a context manager. Two ways to read:
 
-    Records of other runs are acknowledged (counted in `foreign`, so an old run's leftovers
-    cannot clog the queue), and so are messages that are not outcome records (`malformed`). If
-    the connection drops, `drain` reconnects once.
+    - `take` + `ack`: the flow's way. At most ``prefetch`` records are unacknowledged at any
+      time (the broker sends no more); the caller saves a batch durably, then acknowledges it
+      (one ``basic.ack`` with ``multiple``). A flow run that dies before the ack loses nothing:
+      the records go back to the queue and are delivered again, and the ledger counts a record
+      it already saved once.
+    - `drain`: returns this run's records and leaves them unacknowledged until the consumer
+      closes (they go back to the queue); `purge_results` removes them.
+
+    Records of other runs are counted in `foreign` (so an old run's leftovers cannot clog the
+    queue), and so are messages that are not outcome records (`malformed`): `drain` acks them
+    at once, `take` with its batch. If the connection drops, a read reconnects once; deliveries
+    of the lost channel cannot be acknowledged any more (the broker delivers them again).
     """
 
     def __init__(
@@ -1383,6 +1399,9 @@ class ResultsConsumer:
         self._conn: Any = None
         self._channel: Any = None
         self._buffer: deque[tuple[int, bytes]] = deque()
+        self._gen = 0  # which channel the delivery tags belong to
+        self.unacked = 0  # deliveries handed out by `take` and not acknowledged yet
+        self.max_unacked_seen = 0
 
     def __enter__(self) -> ResultsConsumer:
         self._open()
@@ -1405,6 +1424,8 @@ class ResultsConsumer:
             _close_quietly(conn)
             raise
         self._conn, self._channel = conn, ch
+        self._gen += 1
+        self.unacked = 0
 
     def _on_message(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
         self._buffer.append((int(method.delivery_tag), body))
@@ -1429,7 +1450,70 @@ class ResultsConsumer:
                     f"from {self.qs.results_name!r}: {_cause(exc, self.cfg)}; retry later"
                 ) from None
 
-    def _drain(self, max_wait_s: float, max_records: int) -> list[OutcomeRecord]:
+    def take(self, *, max_wait_s: float = 0.5, max_records: int = 5_000) -> ResultBatch:
+        """Up to ``max_records`` deliveries that arrived so far (waiting up to ``max_wait_s``
+        for the first one), parsed; this run's records in the batch. Acknowledge the batch with
+        `ack` once its records are saved."""
+        try:
+            return self._take(max_wait_s, max_records)
+        except (pex.AMQPConnectionError, pex.StreamLostError, pex.AMQPChannelError) as first:
+            log.warning(
+                "results consumer lost its connection (%s); reconnecting", _cause(first, self.cfg)
+            )
+            self.close()
+            try:
+                self._open()
+                return self._take(max_wait_s, max_records)
+            except (pex.AMQPConnectionError, pex.StreamLostError, pex.AMQPChannelError) as exc:
+                self.close()
+                raise BrokerUnavailable(
+                    f"lost the connection to {self.cfg.describe()} while reading outcome records "
+                    f"from {self.qs.results_name!r}: {_cause(exc, self.cfg)}; retry later"
+                ) from None
+
+    def _take(self, max_wait_s: float, max_records: int) -> ResultBatch:
+        self._fetch(max_wait_s, max_records)
+        records: list[OutcomeRecord] = []
+        last_tag = 0
+        n = 0
+        while self._buffer and n < max_records:
+            tag, body = self._buffer.popleft()
+            n += 1
+            last_tag = tag
+            try:
+                record = OutcomeRecord.from_json(body)
+            except (ValueError, TypeError):
+                self.malformed += 1
+                continue
+            if record.run_id != self.run_id:
+                self.foreign += 1
+                continue
+            records.append(record)
+        # Counted from the tags: this channel's deliveries so far, less those acknowledged.
+        self.unacked += n
+        self.max_unacked_seen = max(self.max_unacked_seen, self.unacked + len(self._buffer))
+        return ResultBatch(records=records, last_tag=last_tag, channel_gen=self._gen, messages=n)
+
+    def ack(self, batch: ResultBatch) -> bool:
+        """Acknowledge every delivery up to the batch's last one. False (nothing done) when the
+        batch is empty or came from a channel that has been lost since: the broker has
+        already put those messages back."""
+        if batch.messages == 0 or batch.channel_gen != self._gen or self._channel is None:
+            return False
+        try:
+            self._channel.basic_ack(batch.last_tag, multiple=True)
+        except (pex.AMQPConnectionError, pex.StreamLostError, pex.AMQPChannelError) as exc:
+            log.warning(
+                "could not acknowledge %d outcome records (%s); the broker delivers them again",
+                batch.messages,
+                _cause(exc, self.cfg),
+            )
+            self.close()
+            return False
+        self.unacked = max(0, self.unacked - batch.messages)
+        return True
+
+    def _fetch(self, max_wait_s: float, max_records: int) -> None:
         if self._conn is None:
             self._open()
         conn = self._conn
@@ -1444,6 +1528,9 @@ class ResultsConsumer:
         while len(self._buffer) != before and len(self._buffer) < max_records:
             before = len(self._buffer)
             conn.process_data_events(time_limit=0)
+
+    def _drain(self, max_wait_s: float, max_records: int) -> list[OutcomeRecord]:
+        self._fetch(max_wait_s, max_records)
         records: list[OutcomeRecord] = []
         taken = 0
         while self._buffer and taken < max_records:
@@ -1463,9 +1550,10 @@ class ResultsConsumer:
         return records
 
     def close(self) -> None:
-        """Close the connection; this run's records go back to the queue."""
+        """Close the connection; unacknowledged records go back to the queue."""
         conn, self._conn, self._channel = self._conn, None, None
         self._buffer.clear()
+        self.unacked = 0
         _close_quietly(conn)
 
 
@@ -1481,6 +1569,7 @@ __all__ = [
     "FillResult",
     "QueueDepth",
     "QueueSettings",
+    "ResultBatch",
     "ResultsConsumer",
     "check_queue_name",
     "connect",

@@ -1,0 +1,465 @@
+"""The run's ledger on disk: an embedded SQLite store, checkpointed to the ledger storage.
+
+`RunLedger` folds outcome records into a SQLite database, batch by batch, so the flow's memory
+stays flat whatever the number of items: one row per item (its body, attempts and last record),
+one key per record taken (so a record handed over twice counts once). Counts, caveat inputs, the
+summary and the final rows are queries over that store; the progress numbers are counters kept
+as records arrive.
+
+Each batch is written to the ledger storage as a checkpoint segment *before* the store commits
+it, and the caller acknowledges the batch's records to the broker only after `absorb` returned.
+The local database is a cache: `RunLedger.open` always starts it empty and replays the run's
+segments from the storage, so a flow run retried in a fresh pod, with an empty disk, goes on
+from what earlier attempts saved, and a record delivered again (it was saved but its ack was
+lost) is recognised and counted once.
+
+The database lives in ``QUEUEJOB_LEDGER_WORK_DIR`` (default: ``queuejob-ledger-work`` in the
+system's temporary directory), one file per run, deleted when the ledger is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.adapters.ledger_storage import LedgerStorage
+from flows.core.errors import LedgerStorageError
+from flows.core.items import Item
+from flows.core.ledger import (
+    FATE_DEAD,
+    FATE_FAILED,
+    FATE_LEFT,
+    FATE_SUCCEEDED,
+    INTERRUPTED,
+    NO_WORK,
+    SUCCEEDED,
+    LedgerSummary,
+    OutcomeRecord,
+)
+
+WORK_DIR_ENV = "QUEUEJOB_LEDGER_WORK_DIR"
+ITEM_BATCH = 10_000
+
+_SCHEMA = """
+CREATE TABLE items (
+    item_id TEXT PRIMARY KEY,
+    idx INTEGER,
+    body TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    successes INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    highest_attempt INTEGER NOT NULL DEFAULT 0,
+    dead INTEGER NOT NULL DEFAULT 0,
+    last_status TEXT,
+    last_pod TEXT,
+    last_exit INTEGER,
+    last_duration REAL,
+    last_tail TEXT
+);
+CREATE INDEX items_order ON items (idx, item_id);
+CREATE TABLE seen (digest INTEGER PRIMARY KEY);
+"""
+
+# One record into its item's row. SET expressions read the row as it was, so `last_*` is replaced
+# under the same rule as before: a success wins over later duplicate failures.
+_FOLD = """
+INSERT INTO items (item_id, idx, attempts, successes, failures, interrupted, highest_attempt,
+                   last_status, last_pod, last_exit, last_duration, last_tail)
+VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (item_id) DO UPDATE SET
+    idx = coalesce(items.idx, excluded.idx),
+    attempts = items.attempts + 1,
+    successes = items.successes + excluded.successes,
+    failures = items.failures + excluded.failures,
+    interrupted = items.interrupted + excluded.interrupted,
+    highest_attempt = max(items.highest_attempt, excluded.highest_attempt),
+    last_status = CASE WHEN {keep} THEN items.last_status ELSE excluded.last_status END,
+    last_pod = CASE WHEN {keep} THEN items.last_pod ELSE excluded.last_pod END,
+    last_exit = CASE WHEN {keep} THEN items.last_exit ELSE excluded.last_exit END,
+    last_duration = CASE WHEN {keep} THEN items.last_duration ELSE excluded.last_duration END,
+    last_tail = CASE WHEN {keep} THEN items.last_tail ELSE excluded.last_tail END
+RETURNING successes
+""".format(keep=f"(items.last_status = '{SUCCEEDED}' AND excluded.last_status != '{SUCCEEDED}')")
+
+_ROW_COLUMNS = (
+    "item_id, idx, body, attempts, successes, failures, highest_attempt, dead, "
+    "last_status, last_pod, last_exit, last_duration, last_tail"
+)
+
+
+def default_work_dir() -> Path:
+    """Where the local stores go: ``QUEUEJOB_LEDGER_WORK_DIR``, else a temporary directory."""
+    base = os.environ.get(WORK_DIR_ENV)
+    return Path(base) if base else Path(tempfile.gettempdir()) / "queuejob-ledger-work"
+
+
+def record_digest(record: OutcomeRecord) -> int:
+    """A record's identity: equal in every field (its timestamp included) is the same report."""
+    raw = hashlib.blake2b(record.to_json(), digest_size=8).digest()
+    return int.from_bytes(raw, "big", signed=True)
+
+
+def fate_of(successes: int, dead: int, failures: int) -> str:
+    """An item's fate from its counts (as `ItemOutcome.fate`)."""
+    if successes:
+        return FATE_SUCCEEDED
+    if dead:
+        return FATE_DEAD
+    if failures:
+        return FATE_FAILED
+    return FATE_LEFT
+
+
+@dataclass
+class _Counters:
+    records: int = 0
+    duplicate_records: int = 0
+    no_work_pods: int = 0
+    succeeded: int = 0
+    failed_attempts: int = 0
+
+
+class RunLedger:
+    """One run's ledger: a local SQLite store fed in batches and checkpointed to storage.
+
+    Build it with `RunLedger.open`. Not thread-safe; the flow uses it from one thread at a time.
+    """
+
+    def __init__(self, storage: LedgerStorage, run_id: str, expected: int, db_path: Path) -> None:
+        self.storage = storage
+        self.run_id = run_id
+        self.expected = expected
+        self.db_path = db_path
+        self.foreign_records = 0
+        self.segments = 0  # checkpoint segments written or replayed
+        self.next_seq = 1
+        self._c = _Counters()
+        self._db: sqlite3.Connection | None = None
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        storage: LedgerStorage,
+        run_id: str,
+        *,
+        expected: int = 0,
+        work_dir: Path | None = None,
+    ) -> RunLedger:
+        """A ledger for the run, rebuilt from the checkpoints already in storage."""
+        base = work_dir if work_dir is not None else default_work_dir()
+        ledger = cls(storage, run_id, expected, base / f"{run_id}.sqlite")
+        ledger._create()
+        ledger._replay()
+        return ledger
+
+    def _create(self) -> None:
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{self.db_path}{suffix}").unlink()
+            db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerStorageError(
+                f"cannot create the ledger's local store {self.db_path}: {exc}; set "
+                f"{WORK_DIR_ENV} to a writable directory"
+            ) from exc
+        # A cache rebuilt from the storage on every start: no fsync, the rollback journal in
+        # memory (a batch whose checkpoint fails is rolled back); a small page cache keeps
+        # memory flat.
+        db.execute("PRAGMA journal_mode = MEMORY")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute("PRAGMA cache_size = -16000")
+        db.execute("PRAGMA temp_store = FILE")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    def _replay(self) -> None:
+        db = self._conn()
+        numbers = self.storage.segment_numbers(self.run_id)
+        if numbers:
+            self.next_seq = numbers[-1] + 1
+        for _seq, lines in self.storage.iter_segments(self.run_id):
+            records = []
+            for line in lines:
+                try:
+                    records.append(OutcomeRecord.from_json(line))
+                except (ValueError, TypeError):
+                    continue
+            db.execute("BEGIN")
+            _new, delta = self._fold(records)
+            db.execute("COMMIT")
+            self._apply(delta)
+            self.segments += 1
+
+    def close(self) -> None:
+        """Close and delete the local store (the storage keeps the checkpoints)."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                Path(f"{self.db_path}{suffix}").unlink()
+
+    def __enter__(self) -> RunLedger:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:  # pragma: no cover - a live store is never copied
+        raise TypeError("a RunLedger holds a live database and cannot be pickled or copied")
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise LedgerStorageError(f"the ledger of run {self.run_id} is closed")
+        return self._db
+
+    # --- input -----------------------------------------------------------------------------
+
+    def load_items(self, items: Iterable[Item]) -> int:
+        """Learn the run's items (id, position, body) from the item source, streamed in
+        batches; an item already known (from a record) gets its position and body."""
+        db = self._conn()
+        sql = (
+            "INSERT INTO items (item_id, idx, body) VALUES (?, ?, ?) ON CONFLICT (item_id) "
+            "DO UPDATE SET idx = excluded.idx, body = excluded.body"
+        )
+        n = 0
+        batch: list[tuple[str, int, str]] = []
+        for item in items:
+            batch.append((item.id, item.index, item.body.decode("utf-8", errors="replace")))
+            if len(batch) >= ITEM_BATCH:
+                db.execute("BEGIN")
+                db.executemany(sql, batch)
+                db.execute("COMMIT")
+                n += len(batch)
+                batch.clear()
+        if batch:
+            db.execute("BEGIN")
+            db.executemany(sql, batch)
+            db.execute("COMMIT")
+            n += len(batch)
+        return n
+
+    def absorb(self, records: list[OutcomeRecord]) -> int:
+        """Take a batch of this run's records: the new ones (not taken before) are written to
+        a checkpoint segment in the storage, then committed to the store. Return how many
+        were new. Once this returns, the batch may be acknowledged to the broker; if it
+        raises (the storage cannot be written), nothing of the batch was taken."""
+        db = self._conn()
+        mine = [r for r in records if r.run_id == self.run_id]
+        self.foreign_records += len(records) - len(mine)
+        if not mine:
+            return 0
+        db.execute("BEGIN")
+        try:
+            new, delta = self._fold(mine)
+            if new:
+                self.storage.write_segment(self.run_id, self.next_seq, (r.to_json() for r in new))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if new:
+            self.next_seq += 1
+            self.segments += 1
+        self._apply(delta)
+        return len(new)
+
+    def _fold(self, records: list[OutcomeRecord]) -> tuple[list[OutcomeRecord], _Counters]:
+        """Fold records into the store inside the caller's transaction; return the new ones
+        and what the counters gain (applied by the caller once the transaction commits)."""
+        db = self._conn()
+        delta = _Counters()
+        new: list[OutcomeRecord] = []
+        for record in records:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO seen (digest) VALUES (?)", (record_digest(record),)
+            )
+            if cur.rowcount == 0:
+                delta.duplicate_records += 1
+                continue
+            new.append(record)
+            delta.records += 1
+            if record.status == NO_WORK or record.item_id is None:
+                delta.no_work_pods += 1
+                continue
+            ok = record.status == SUCCEEDED
+            interrupted = record.status == INTERRUPTED
+            failed = not ok and not interrupted
+            (successes,) = db.execute(
+                _FOLD,
+                (
+                    record.item_id,
+                    record.index,
+                    int(ok),
+                    int(failed),
+                    int(interrupted),
+                    record.attempt,
+                    record.status,
+                    record.pod,
+                    record.exit_code,
+                    record.duration_s,
+                    record.stderr_tail,
+                ),
+            ).fetchone()
+            if ok and successes == 1:
+                delta.succeeded += 1
+            if failed:
+                delta.failed_attempts += 1
+        return new, delta
+
+    def _apply(self, delta: _Counters) -> None:
+        c = self._c
+        c.records += delta.records
+        c.duplicate_records += delta.duplicate_records
+        c.no_work_pods += delta.no_work_pods
+        c.succeeded += delta.succeeded
+        c.failed_attempts += delta.failed_attempts
+
+    def mark_dead_lettered(self, item_ids: Iterable[str]) -> None:
+        """Record items found in the dead-letter queue."""
+        db = self._conn()
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO items (item_id, dead) VALUES (?, 1) "
+            "ON CONFLICT (item_id) DO UPDATE SET dead = 1",
+            ((i,) for i in item_ids),
+        )
+        db.execute("COMMIT")
+
+    # --- live numbers ----------------------------------------------------------------------
+
+    @property
+    def succeeded(self) -> int:
+        """Items with at least one success (live)."""
+        return self._c.succeeded
+
+    @property
+    def failed_attempts(self) -> int:
+        """Failed attempts reported so far (live)."""
+        return self._c.failed_attempts
+
+    @property
+    def records(self) -> int:
+        """Distinct records taken."""
+        return self._c.records
+
+    @property
+    def duplicate_records(self) -> int:
+        """Records handed over again and counted once."""
+        return self._c.duplicate_records
+
+    @property
+    def no_work_pods(self) -> int:
+        """Pods that reported finding no work."""
+        return self._c.no_work_pods
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def summary(self) -> LedgerSummary:
+        """Counts of fates, from the store; items never reported count as left in the queue."""
+        row = (
+            self._conn()
+            .execute(
+                """
+            SELECT count(*),
+                   coalesce(sum(successes > 0), 0),
+                   coalesce(sum(successes = 0 AND dead != 0), 0),
+                   coalesce(sum(successes = 0 AND dead = 0 AND failures > 0), 0),
+                   coalesce(sum(successes = 0 AND dead = 0 AND failures = 0), 0),
+                   coalesce(sum(successes > 1), 0),
+                   coalesce(sum(max(attempts, highest_attempt)), 0)
+            FROM items
+            """
+            )
+            .fetchone()
+        )
+        known, succeeded, dead, failed, left, twice, attempts = row
+        return LedgerSummary(
+            expected=self.expected,
+            succeeded=succeeded,
+            failed=failed,
+            dead_lettered=dead,
+            left=left + max(0, self.expected - known),
+            processed_more_than_once=twice,
+            attempts=attempts,
+            no_work_pods=self._c.no_work_pods,
+            foreign_records=self.foreign_records,
+        )
+
+    def unreported_attempts(self) -> int:
+        """Items delivered again after an attempt that left no record."""
+        (n,) = (
+            self._conn()
+            .execute("SELECT count(*) FROM items WHERE highest_attempt > attempts")
+            .fetchone()
+        )
+        return int(n)
+
+    def items_with_unreported_attempts(self, limit: int = 1000) -> list[str]:
+        """Ids of (at most `limit`) items delivered again after an attempt that left no record."""
+        cur = self._conn().execute(
+            "SELECT item_id FROM items WHERE highest_attempt > attempts "
+            "ORDER BY idx, item_id LIMIT ?",
+            (limit,),
+        )
+        return [r[0] for r in cur]
+
+    def rows(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """One row per item, in item order (items known only from records last), streamed."""
+        queries = (
+            # Both use the (idx, item_id) index: no sort of the whole table.
+            f"SELECT {_ROW_COLUMNS} FROM items WHERE idx IS NOT NULL ORDER BY idx, item_id",
+            f"SELECT {_ROW_COLUMNS} FROM items WHERE idx IS NULL ORDER BY item_id",
+        )
+        left = limit
+        for sql in queries:
+            if left is not None and left <= 0:
+                return
+            # A cursor of its own: rows stream in chunks.
+            cur = self._conn().cursor()
+            cur.arraysize = 1000
+            if left is None:
+                cur.execute(sql)
+            else:
+                cur.execute(sql + " LIMIT ?", (left,))
+            while True:
+                chunk = cur.fetchmany()
+                if not chunk:
+                    break
+                for r in chunk:
+                    if left is not None:
+                        left -= 1
+                    yield _row(r)
+
+
+def _row(r: tuple[Any, ...]) -> dict[str, Any]:
+    (item_id, idx, body, attempts, successes, failures, highest, dead) = r[:8]
+    last_status, pod, exit_code, duration, tail = r[8:]
+    has_last = last_status is not None
+    return {
+        "item_id": item_id,
+        "index": idx,
+        "status": fate_of(successes, dead, failures),
+        "attempts": max(attempts, highest),
+        "pod": pod or "",
+        "exit_code": exit_code,
+        "duration_s": round(duration, 3) if has_last and duration is not None else None,
+        "error_tail": tail if has_last and last_status != SUCCEEDED and tail else "",
+        "body": body,
+    }
+
+
+__all__ = ["WORK_DIR_ENV", "RunLedger", "default_work_dir", "fate_of", "record_digest"]
