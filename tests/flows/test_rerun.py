@@ -8,12 +8,14 @@ ledger holds exactly those two items, succeeded. Then a rerun of the rerun.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
 
+from flows.cli import main
 from flows.core.errors import JobFailed, LedgerNotFound
 from flows.rerun import rerun_failures, rerun_kwargs
 from flows.work_queue import run_work_queue
@@ -57,7 +59,10 @@ def _queue_exists(url: str, name: str) -> bool:
 
 
 def test_rerun_of_the_poison_and_failing_items_after_the_fix_succeeds_with_just_those(
-    flow_env: dict[str, str], queue_name: str, tmp_path: Path
+    flow_env: dict[str, str],
+    queue_name: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     ledger_dir = Path(flow_env["QUEUEJOB_LEDGER_DIR"])
     flag = tmp_path / "fixed"
@@ -108,10 +113,19 @@ def test_rerun_of_the_poison_and_failing_items_after_the_fix_succeeds_with_just_
     assert params["items"]["kind"] == "ledger" and params["items"]["run_id"] == first
     assert params["job"]["parallelism"] == 2 and params["job"]["backoff_limit"] == 2
 
-    # A rerun of the rerun (its ledger holds the bodies too), the CLI's way.
-    third_report = run_work_queue(**rerun_kwargs(second, fates=["succeeded"]))
+    # A rerun of the rerun (its ledger holds the bodies too), from the command line.
+    sigterm = signal.getsignal(signal.SIGTERM)  # `queuejob rerun` installs its own
+    try:
+        assert main(["rerun", second, "--fate", "succeeded", "--parallelism", "1"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    out = capsys.readouterr().out
+    assert f"queuejob rerun: the succeeded items of run {second}" in out
+    [third] = {p.name for p in ledger_dir.iterdir()} - {first, second}
+    third_report = _report(ledger_dir, third)
     assert third_report["rerun_of"] == second
-    rows3 = _rows(ledger_dir, third_report["run_id"])
+    assert third_report["params"]["job"]["parallelism"] == 1
+    rows3 = _rows(ledger_dir, third)
     assert {body: r["status"] for body, r in rows3.items()} == {
         "poison": "succeeded",
         "flaky": "succeeded",
