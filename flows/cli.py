@@ -3,6 +3,8 @@
   queuejob run ITEM... [options] -- CMD ...   run the flow from a terminal
   queuejob demo                               the docs' eight items on the local backend
   queuejob render [options] -- CMD ...        print the Secret (redacted) and Job it would create
+  queuejob ledger RUN_ID [--fate F] [--ledger-storage BLOCK] [--format table|jsonl]
+                                              a finished run's summary and ledger rows
   queuejob worker [worker options] -- CMD ... the pod program (same as python -m flows.worker)
   queuejob rerun RUN_ID [--fate F] [options]  an earlier run's failed items as a new run
   queuejob dead-letters QUEUE [--requeue]     list <QUEUE>.dead, or move it back to QUEUE
@@ -76,6 +78,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--timeout", type=float, default=3600.0, help="wait limit, s")
     c.add_argument("--keep-job", action="store_true", help="keep the Job after success")
     c.add_argument("--delete-queues", action="store_true", help="delete queues after success")
+    c.add_argument(
+        "--ledger-storage",
+        default=None,
+        help="LocalFileSystem or RemoteFileSystem block keeping the ledger (default: "
+        "QUEUEJOB_LEDGER_DIR, else ~/.cache/queuejob/ledgers)",
+    )
 
 
 def _flow_kwargs(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
@@ -124,6 +132,7 @@ def _flow_kwargs(args: argparse.Namespace, command: list[str]) -> dict[str, Any]
         "caveat_policy": args.policy,
         "timeout_seconds": args.timeout,
         "cleanup": CleanupParams(delete_job=not args.keep_job, delete_queues=args.delete_queues),
+        "ledger_storage": getattr(args, "ledger_storage", None),
     }
 
 
@@ -165,7 +174,7 @@ def _print_summary(report: dict[str, Any]) -> None:
     for f in report["findings"]:
         print(f"    - [{f['severity']}] {f['code']}: {f['message']}")
     print(f"  wall time:      {report['wall_time_s']:.1f} s")
-    print(f"  ledger:         {report['ledger_path']}")
+    print(f"  ledger:         {report.get('ledger') or report['ledger_path']}")
 
 
 def _run_flow(kwargs: dict[str, Any]) -> int:
@@ -257,6 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         timeout=600.0,
         keep_job=False,
         delete_queues=True,
+        ledger_storage=None,
     )
     rc = _run_flow(_flow_kwargs(ns, DEMO_COMMAND))
     print()
@@ -563,6 +573,67 @@ def _print_dead_letters(
         print(f"  ... and {more} more (--limit N shows up to {DEAD_LETTER_LIST_CAP})")
 
 
+LEDGER_COLUMNS = (
+    ("index", 7),
+    ("item_id", 20),
+    ("status", 13),
+    ("attempts", 8),
+    ("exit_code", 9),
+    ("pod", 24),
+    ("body", 30),
+    ("error_tail", 40),
+)
+
+
+def _cell(value: Any, width: int) -> str:
+    text = "" if value is None else str(value)
+    text = text.replace("\r", " ").replace("\n", " | ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    """Print a finished run's summary and its ledger rows, streamed from the storage."""
+    from flows.adapters.ledger_storage import normalize_fates, open_storage
+    from flows.core.errors import QueueJobError
+
+    try:
+        fates = normalize_fates(args.fate) if args.fate else None
+        storage = open_storage(args.ledger_storage)
+        report = storage.read_report(args.run_id)
+        rows = storage.iter_rows(args.run_id, fates)
+        out = sys.stdout
+        if args.format == "jsonl":
+            import json
+
+            s = report.get("summary", {})
+            print(
+                f"queuejob run {args.run_id}: {s.get('expected')} items, {s.get('succeeded')} "
+                f"succeeded, {s.get('failed')} failed, {s.get('dead_lettered')} dead-lettered, "
+                f"{s.get('left')} left; ledger {report.get('ledger')}",
+                file=sys.stderr,
+            )
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            return 0
+        _print_summary(report)
+        print()
+        print("  ".join(name.ljust(width) for name, width in LEDGER_COLUMNS).rstrip())
+        shown = 0
+        for row in rows:
+            line = "  ".join(_cell(row.get(n), w).ljust(w) for n, w in LEDGER_COLUMNS)
+            out.write(line.rstrip() + "\n")
+            shown += 1
+        which = ", ".join(sorted(fates)) if fates else "all fates"
+        print(f"({shown} rows, {which})")
+    except QueueJobError as exc:
+        print(f"queuejob: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `queuejob ledger ... | head`
+        sys.stderr.close()
+        return 0
+    return 0
+
+
 def _exit_cleanly_on_sigterm() -> None:
     """Make SIGTERM end the process as an exception does, so its exit handlers run.
 
@@ -604,6 +675,20 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="completions for 'auto' (the confirmed count at run time)",
     )
+    ledger = sub.add_parser("ledger", help="a finished run's summary and ledger rows")
+    ledger.add_argument("run_id", metavar="RUN_ID", help="the flow run id")
+    ledger.add_argument(
+        "--fate",
+        action="append",
+        choices=["succeeded", "failed", "dead_lettered", "left"],
+        help="only rows of this fate (repeat for several)",
+    )
+    ledger.add_argument(
+        "--ledger-storage",
+        default=None,
+        help="the LocalFileSystem or RemoteFileSystem block the run kept its ledger in",
+    )
+    ledger.add_argument("--format", choices=["table", "jsonl"], default="table")
     sub.add_parser("worker", help="the pod program (see `queuejob worker --help`)")
     _add_rerun_options(
         sub.add_parser("rerun", help="rerun an earlier run's failed, dead-lettered, left items")
@@ -624,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_dead_letters(args)
     if args.cmd == "rerun":
         return cmd_rerun(args, command)
+    if args.cmd == "ledger":
+        return cmd_ledger(args)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

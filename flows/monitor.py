@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from flows.adapters import broker as broker_io
 from flows.adapters.ledger_store import RunLedger
 from flows.core import caveats
-from flows.core.errors import BrokerUnavailable
+from flows.core.errors import BrokerUnavailable, LedgerStorageError
 from flows.core.job_status import JobState
 
 DEFAULT_MAX_UNACKED = 10_000
@@ -145,7 +145,13 @@ class RunMonitor:
             self._max_unacked_seen = max(self._max_unacked_seen, consumer.max_unacked_seen)
             if batch.messages == 0:
                 return taken
-            self.ledger.absorb(batch.records)  # durable before the ack
+            try:
+                self.ledger.absorb(batch.records)  # durable before the ack
+            except LedgerStorageError:
+                # Not saved: hand the whole window back to the broker (closing the channel), so
+                # it is delivered again once the storage answers.
+                consumer.close()
+                raise
             consumer.ack(batch)
             taken += batch.messages
             if batch.messages < self.batch_size or time.monotonic() >= until:
@@ -171,7 +177,7 @@ class RunMonitor:
                 if time.monotonic() - last_new >= quiet_s:
                     return
                 self._refresh_depth()
-            except BrokerUnavailable as exc:
+            except (BrokerUnavailable, LedgerStorageError) as exc:
                 if time.monotonic() >= broker_deadline:
                     raise
                 self._lost_broker(exc)
@@ -189,12 +195,14 @@ class RunMonitor:
             self._dead_baseline = depths["dead"].ready
         self.dead_delta = max(0, depths["dead"].ready - self._dead_baseline)
 
-    def _lost_broker(self, exc: BrokerUnavailable) -> None:
+    def _lost_broker(self, exc: BrokerUnavailable | LedgerStorageError) -> None:
         if self._broker_lost_at is None:
             self._broker_lost_at = time.monotonic()
+            what = "the broker" if isinstance(exc, BrokerUnavailable) else "the ledger storage"
             self.logger.warning(
-                "lost the broker while the Job runs (%s); still waiting for the Job, and reading "
-                "outcome records again once the broker answers",
+                "lost %s while the Job runs (%s); still waiting for the Job, and reading "
+                "outcome records again once it answers",
+                what,
                 exc,
             )
 
@@ -215,8 +223,9 @@ class RunMonitor:
         try:
             self.drain()
             self._refresh_depth()
-        except BrokerUnavailable as exc:
-            # Progress and the live caveat need the broker; the Job does not: keep waiting.
+        except (BrokerUnavailable, LedgerStorageError) as exc:
+            # Progress and the live caveat need the broker, the ledger its storage; the Job
+            # needs neither: keep waiting, and take the records again once both answer.
             self._lost_broker(exc)
             return
         if self._broker_lost_at is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import sqlite3
 import tempfile
@@ -66,6 +67,22 @@ CREATE TABLE items (
 );
 CREATE INDEX items_order ON items (idx, item_id);
 CREATE TABLE seen (digest INTEGER PRIMARY KEY);
+-- The live numbers, kept by triggers in the same transactions as the rows they count (so a
+-- rolled-back batch takes its counts back with it).
+CREATE TABLE live (succeeded INTEGER NOT NULL, failed_attempts INTEGER NOT NULL);
+INSERT INTO live VALUES (0, 0);
+CREATE TRIGGER live_insert AFTER INSERT ON items
+WHEN new.successes > 0 OR new.failures > 0
+BEGIN
+    UPDATE live SET succeeded = succeeded + (new.successes > 0),
+                    failed_attempts = failed_attempts + new.failures;
+END;
+CREATE TRIGGER live_update AFTER UPDATE OF successes, failures ON items
+WHEN new.successes != old.successes OR new.failures != old.failures
+BEGIN
+    UPDATE live SET succeeded = succeeded + (old.successes = 0 AND new.successes > 0),
+                    failed_attempts = failed_attempts + new.failures - old.failures;
+END;
 """
 
 # One record into its item's row. SET expressions read the row as it was, so `last_*` is replaced
@@ -86,7 +103,6 @@ ON CONFLICT (item_id) DO UPDATE SET
     last_exit = CASE WHEN {keep} THEN items.last_exit ELSE excluded.last_exit END,
     last_duration = CASE WHEN {keep} THEN items.last_duration ELSE excluded.last_duration END,
     last_tail = CASE WHEN {keep} THEN items.last_tail ELSE excluded.last_tail END
-RETURNING successes
 """.format(keep=f"(items.last_status = '{SUCCEEDED}' AND excluded.last_status != '{SUCCEEDED}')")
 
 _ROW_COLUMNS = (
@@ -101,10 +117,22 @@ def default_work_dir() -> Path:
     return Path(base) if base else Path(tempfile.gettempdir()) / "queuejob-ledger-work"
 
 
-def record_digest(record: OutcomeRecord) -> int:
-    """A record's identity: equal in every field (its timestamp included) is the same report."""
-    raw = hashlib.blake2b(record.to_json(), digest_size=8).digest()
-    return int.from_bytes(raw, "big", signed=True)
+_RECORD_FIELDS = tuple(OutcomeRecord.__dataclass_fields__)
+
+
+def record_json(record: OutcomeRecord) -> bytes:
+    """The record as one line of compact JSON (as `OutcomeRecord.to_json`, built faster: this
+    runs once per record the flow takes)."""
+    return json.dumps(
+        {f: getattr(record, f) for f in _RECORD_FIELDS}, separators=(",", ":")
+    ).encode()
+
+
+def record_digest(record: OutcomeRecord, data: bytes | None = None) -> int:
+    """A record's identity: equal in every field (its timestamp included) is the same report.
+    ``data``: the record's `record_json`, when the caller has it already."""
+    raw = hashlib.blake2b(data if data is not None else record_json(record), digest_size=8)
+    return int.from_bytes(raw.digest(), "big", signed=True)
 
 
 def fate_of(successes: int, dead: int, failures: int) -> str:
@@ -123,8 +151,6 @@ class _Counters:
     records: int = 0
     duplicate_records: int = 0
     no_work_pods: int = 0
-    succeeded: int = 0
-    failed_attempts: int = 0
 
 
 class RunLedger:
@@ -142,6 +168,8 @@ class RunLedger:
         self.segments = 0  # checkpoint segments written or replayed
         self.next_seq = 1
         self._c = _Counters()
+        self._succeeded = 0
+        self._failed_attempts = 0
         self._db: sqlite3.Connection | None = None
 
     # --- life cycle ------------------------------------------------------------------------
@@ -201,6 +229,7 @@ class RunLedger:
             db.execute("COMMIT")
             self._apply(delta)
             self.segments += 1
+        self._read_live()
 
     def close(self) -> None:
         """Close and delete the local store (the storage keeps the checkpoints)."""
@@ -266,7 +295,7 @@ class RunLedger:
         try:
             new, delta = self._fold(mine)
             if new:
-                self.storage.write_segment(self.run_id, self.next_seq, (r.to_json() for r in new))
+                self.storage.write_segment(self.run_id, self.next_seq, new)
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -275,36 +304,35 @@ class RunLedger:
             self.next_seq += 1
             self.segments += 1
         self._apply(delta)
+        self._read_live()
         return len(new)
 
-    def _fold(self, records: list[OutcomeRecord]) -> tuple[list[OutcomeRecord], _Counters]:
-        """Fold records into the store inside the caller's transaction; return the new ones
-        and what the counters gain (applied by the caller once the transaction commits)."""
+    def _fold(self, records: list[OutcomeRecord]) -> tuple[list[bytes], _Counters]:
+        """Fold records into the store inside the caller's transaction; return the new ones (as
+        JSON lines) and what the counters gain (applied once the transaction commits)."""
         db = self._conn()
         delta = _Counters()
-        new: list[OutcomeRecord] = []
+        new: list[bytes] = []
+        rows = []
+        seen = "INSERT OR IGNORE INTO seen (digest) VALUES (?)"
         for record in records:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO seen (digest) VALUES (?)", (record_digest(record),)
-            )
-            if cur.rowcount == 0:
+            data = record_json(record)
+            if db.execute(seen, (record_digest(record, data),)).rowcount == 0:
                 delta.duplicate_records += 1
                 continue
-            new.append(record)
+            new.append(data)
             delta.records += 1
             if record.status == NO_WORK or record.item_id is None:
                 delta.no_work_pods += 1
                 continue
             ok = record.status == SUCCEEDED
             interrupted = record.status == INTERRUPTED
-            failed = not ok and not interrupted
-            (successes,) = db.execute(
-                _FOLD,
+            rows.append(
                 (
                     record.item_id,
                     record.index,
                     int(ok),
-                    int(failed),
+                    int(not ok and not interrupted),
                     int(interrupted),
                     record.attempt,
                     record.status,
@@ -312,12 +340,10 @@ class RunLedger:
                     record.exit_code,
                     record.duration_s,
                     record.stderr_tail,
-                ),
-            ).fetchone()
-            if ok and successes == 1:
-                delta.succeeded += 1
-            if failed:
-                delta.failed_attempts += 1
+                )
+            )
+        # In the records' order: an item's later record sees the row its earlier one left.
+        db.executemany(_FOLD, rows)
         return new, delta
 
     def _apply(self, delta: _Counters) -> None:
@@ -325,8 +351,11 @@ class RunLedger:
         c.records += delta.records
         c.duplicate_records += delta.duplicate_records
         c.no_work_pods += delta.no_work_pods
-        c.succeeded += delta.succeeded
-        c.failed_attempts += delta.failed_attempts
+
+    def _read_live(self) -> None:
+        self._succeeded, self._failed_attempts = (
+            self._conn().execute("SELECT succeeded, failed_attempts FROM live").fetchone()
+        )
 
     def mark_dead_lettered(self, item_ids: Iterable[str]) -> None:
         """Record items found in the dead-letter queue."""
@@ -338,18 +367,19 @@ class RunLedger:
             ((i,) for i in item_ids),
         )
         db.execute("COMMIT")
+        self._read_live()
 
     # --- live numbers ----------------------------------------------------------------------
 
     @property
     def succeeded(self) -> int:
         """Items with at least one success (live)."""
-        return self._c.succeeded
+        return self._succeeded
 
     @property
     def failed_attempts(self) -> int:
         """Failed attempts reported so far (live)."""
-        return self._c.failed_attempts
+        return self._failed_attempts
 
     @property
     def records(self) -> int:

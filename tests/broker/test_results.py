@@ -121,3 +121,45 @@ def test_every_record_is_redelivered_after_close(
     with ResultsConsumer(cfg, qs, run_id="run-1") as consumer:
         got = _take(consumer, 4)
     assert sorted(got, key=repr) == records
+
+
+def test_take_holds_at_most_the_prefetch_and_acks_a_batch_at_once(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    records = [OutcomeRecord(run_id="run-1", status=SUCCEEDED, item_id=str(i)) for i in range(250)]
+    other = OutcomeRecord(run_id="run-0", status=SUCCEEDED, item_id="z")
+    _publish(
+        broker_url, qs.results_name, [other.to_json(), b"junk"] + [r.to_json() for r in records]
+    )
+    got: list[OutcomeRecord] = []
+    with ResultsConsumer(cfg, qs, run_id="run-1", prefetch=40) as consumer:
+        deadline = time.monotonic() + 20
+        while len(got) < len(records) and time.monotonic() < deadline:
+            batch = consumer.take(max_wait_s=0.5, max_records=20)
+            assert batch.messages <= 20
+            assert consumer.unacked <= 40
+            got += batch.records
+            assert consumer.ack(batch) or batch.messages == 0
+        assert 20 <= consumer.max_unacked_seen <= 40
+        assert (consumer.foreign, consumer.malformed) == (1, 1)
+    assert got == records
+    # Acknowledged: nothing goes back to the queue when the consumer closes.
+    assert ready_count(broker_url, qs.results_name) == 0
+
+
+def test_a_batch_of_a_lost_channel_is_not_acked_and_comes_again(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str
+) -> None:
+    declare_queues(cfg, qs)
+    records = [OutcomeRecord(run_id="run-1", status=SUCCEEDED, item_id=str(i)) for i in range(5)]
+    _publish(broker_url, qs.results_name, [r.to_json() for r in records])
+    with ResultsConsumer(cfg, qs, run_id="run-1", prefetch=10) as consumer:
+        batch = consumer.take(max_wait_s=5.0)
+        assert batch.records == records
+        consumer.close()  # the connection is lost before the batch is saved
+        assert consumer.ack(batch) is False
+        again = consumer.take(max_wait_s=5.0)
+        assert again.records == records
+        assert consumer.ack(again) is True
+    assert ready_count(broker_url, qs.results_name) == 0

@@ -188,6 +188,10 @@ def test_on_demand_run_from_the_ui_completes_with_ledger_and_artifacts(
 
     assert float(by_type["progress"]["data"]) == 100.0
 
-    ledger = Path(deployed.ledger_dir) / f"{run_id}.jsonl"
+    ledger = Path(deployed.ledger_dir) / run_id / "ledger.jsonl"
     lines = [json.loads(line) for line in ledger.read_text().splitlines()]
     assert [r["status"] for r in lines] == ["succeeded"] * n
+    assert [r["body"] for r in lines] == list(ITEMS)
+    stored = json.loads((Path(deployed.ledger_dir) / run_id / "report.json").read_text())
+    assert stored["params"]["ledger_storage"] is None
+    assert stored["ledger"] == str(Path(deployed.ledger_dir).resolve() / run_id)

@@ -125,8 +125,9 @@ def test_crash_after_the_wait_then_retry_keeps_every_record(
     flow_env: dict[str, str], queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first attempt read all eight outcome records, then died before saving its ledger.
-    The records stayed in the results queue, so the retry's ledger is whole; once it is
-    saved, the records are purged."""
+    Each batch was checkpointed in the ledger storage before it was acknowledged, so the
+    retry rebuilds the ledger from the checkpoints and it is whole; the results queue is
+    empty."""
     monkeypatch.setenv("QUEUEJOB_FAULT", "crash-after-wait")
     retrying = run_work_queue.with_options(retries=1, retry_delay_seconds=0)
     report = retrying(**local_kwargs(queue_name))

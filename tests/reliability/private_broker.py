@@ -234,6 +234,23 @@ class PrivateBroker:
         while not all(port_is_free(p) for p in ports) and time.monotonic() < deadline:
             time.sleep(0.1)
 
+    def unacked(self, queue: str) -> int | None:
+        """The queue's unacknowledged messages, read from the broker itself (``rabbitmqctl
+        list_queues``: exact, unlike the management API's sampled stats); None when the queue
+        does not exist."""
+        ctl = Path(find_server() or "rabbitmq-server").with_name("rabbitmqctl")
+        out = subprocess.run(
+            [str(ctl), "-n", self.node, "-q", "list_queues", "--no-table-headers",
+             "name", "messages_unacknowledged"],
+            env=self._env(), capture_output=True, text=True, timeout=60, check=True,
+            stdin=subprocess.DEVNULL,
+        ).stdout  # fmt: skip
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                return int(parts[1])
+        return None
+
     def restart(self) -> None:
         """Stop, then start again with the same data."""
         self.stop()

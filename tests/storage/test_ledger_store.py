@@ -90,6 +90,7 @@ def test_same_fates_and_counts_as_the_reference(tmp_path: Path, seed: int) -> No
         )
         assert ledger.unreported_attempts() == len(ref.items_with_unreported_attempts())
         assert ledger.succeeded == ref.summary().succeeded
+        assert ledger.failed_attempts == sum(e.failures for e in ref.items.values())
         assert ledger.records == len(records)
         assert list(ledger.rows(limit=7)) == rows[:7]
 
