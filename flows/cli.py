@@ -165,6 +165,8 @@ def _print_summary(report: dict[str, Any]) -> None:
     print()
     print(f"queuejob run {report['run_id']}  ({report['backend']} backend, {report['mode']} mode)")
     print(f"  Job:            {report['namespace']}/{report['job']}: {report['job_phase']}")
+    if report.get("rerun_of"):
+        print(f"  rerun of:       {report['rerun_of']}")
     print(f"  items:          {s['expected']}")
     print(f"  succeeded:      {s['succeeded']}")
     print(f"  failed:         {s['failed']}")
@@ -346,6 +348,9 @@ def _add_rerun_options(p: argparse.ArgumentParser) -> None:
         "comma-separate; default failed,dead_lettered,left)",
     )
     _add_job_options(p)
+    for action in p._actions:
+        if action.dest in ITEM_OPTIONS:  # the items come from the ledger (refused if given)
+            action.help = argparse.SUPPRESS
     # No defaults: only the options given on the command line (not None, flags not False)
     # override the earlier run's settings.
     p.set_defaults(**{a.dest: None for a in p._actions if a.dest not in ("help", "run_id")})
@@ -691,7 +696,13 @@ def main(argv: list[str] | None = None) -> int:
     ledger.add_argument("--format", choices=["table", "jsonl"], default="table")
     sub.add_parser("worker", help="the pod program (see `queuejob worker --help`)")
     _add_rerun_options(
-        sub.add_parser("rerun", help="rerun an earlier run's failed, dead-lettered, left items")
+        sub.add_parser(
+            "rerun",
+            help="rerun an earlier run's failed, dead-lettered, left items",
+            description="Run an earlier run's items of the given fates again as a new run, "
+            "with their ids and bodies from its ledger and its settings from its report. Any "
+            "option below, and a command after '--', overrides the earlier setting.",
+        )
     )
     _add_dead_letter_options(
         sub.add_parser("dead-letters", help="list <QUEUE>.dead, or --requeue it back to QUEUE")

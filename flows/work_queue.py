@@ -198,6 +198,10 @@ def _report_markdown(report: dict[str, Any], findings: list[caveats.Finding]) ->
         f"queue `{report['queue']}`: **{report['job_phase']}**"
         + (f" ({report['job_reason']})" if report.get("job_reason") else ""),
         "",
+    ]
+    if report.get("rerun_of"):
+        lines += [f"A rerun of run `{report['rerun_of']}`: its items from that run's ledger.", ""]
+    lines += [
         "| items | succeeded | failed | dead-lettered | left in queue | processed twice |",
         "|---|---|---|---|---|---|",
         f"| {s['expected']} | {s['succeeded']} | {s['failed']} | {s['dead_lettered']} | "
