@@ -36,6 +36,7 @@ from flows.adapters.dead_letters import (
     requeue_dead_letters,
 )
 from flows.core.dead_letters import HEADER_REQUEUES
+from flows.core.errors import FillInProgress
 from flows.core.items import ItemSource, iter_items
 
 from .support import ROOT, drain_messages, ready_count, wait_until
@@ -287,3 +288,29 @@ def test_requeue_into_a_missing_work_queue_is_refused_and_keeps_the_dead_letters
     assert proc.returncode == 1
     assert f"queue '{dq.name}' does not exist" in err
     assert ready_count(broker_url, dq.dead_name) == 2
+
+
+def test_requeue_with_a_limit_moves_the_oldest_and_leaves_the_rest(
+    cfg: BrokerConfig, dq: QueueSettings, run_id: str, broker_url: str
+) -> None:
+    _put_dead_letters(broker_url, dq, run_id, 5)
+    result = requeue_dead_letters(cfg, dq, limit=2)
+    assert (result.requeued, result.already_requeued, result.remaining) == (2, 0, 3)
+    assert [p.message_id for p in drain_messages(broker_url, dq.name, expect=2)] == ["0", "1"]
+    assert ready_count(broker_url, dq.requeued_name) == 0  # their records have served
+    assert [d.item_id for d in list_dead_letters(cfg, dq, limit=10).letters] == ["2", "3", "4"]
+
+
+def test_requeue_waits_its_turn_while_a_fill_holds_the_queue(
+    cfg: BrokerConfig, dq: QueueSettings, run_id: str, broker_url: str
+) -> None:
+    _put_dead_letters(broker_url, dq, run_id, 1)
+    holder = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        holder.channel().queue_declare(dq.lock_name, exclusive=True, auto_delete=True)
+        with pytest.raises(FillInProgress, match="a fill or a dead-letter requeue of queue"):
+            requeue_dead_letters(cfg, dq)
+    finally:
+        holder.close()
+    assert ready_count(broker_url, dq.dead_name) == 1
+    assert requeue_dead_letters(cfg, dq).requeued == 1
