@@ -6,6 +6,8 @@
   queuejob ledger RUN_ID [--fate F] [--ledger-storage BLOCK] [--format table|jsonl]
                                               a finished run's summary and ledger rows
   queuejob worker [worker options] -- CMD ... the pod program (same as python -m flows.worker)
+  queuejob rerun RUN_ID [--fate F] [options]  an earlier run's failed items as a new run
+  queuejob dead-letters QUEUE [--requeue]     list <QUEUE>.dead, or move it back to QUEUE
 
 The broker comes from a RabbitMQBroker block (--broker-block) or the QUEUEJOB_BROKER_URL
 environment variable (kept off the command line, where other users could read it).
@@ -163,6 +165,8 @@ def _print_summary(report: dict[str, Any]) -> None:
     print()
     print(f"queuejob run {report['run_id']}  ({report['backend']} backend, {report['mode']} mode)")
     print(f"  Job:            {report['namespace']}/{report['job']}: {report['job_phase']}")
+    if report.get("rerun_of"):
+        print(f"  rerun of:       {report['rerun_of']}")
     print(f"  items:          {s['expected']}")
     print(f"  succeeded:      {s['succeeded']}")
     print(f"  failed:         {s['failed']}")
@@ -306,6 +310,274 @@ def cmd_render(args: argparse.Namespace, command: list[str]) -> int:
     return 0
 
 
+# --- rerun -------------------------------------------------------------------------------------
+
+# `run` options a rerun may give: argparse dest -> (flow parameter, field of it or None).
+RERUN_OVERRIDES: dict[str, tuple[str, str | None]] = {
+    "mode": ("mode", None),
+    "backend": ("backend", None),
+    "parallelism": ("job", "parallelism"),
+    "completions": ("job", "completions"),
+    "backoff_limit": ("job", "backoff_limit"),
+    "deadline": ("job", "active_deadline_seconds"),
+    "idle_timeout": ("job", "idle_timeout_seconds"),
+    "image": ("job", "image"),
+    "namespace": ("job", "namespace"),
+    "template_block": ("job", "template_block"),
+    "call": ("job", "call"),
+    "queue": ("queue", "name"),
+    "queue_type": ("queue", "type"),
+    "delivery_limit": ("queue", "delivery_limit"),
+    "stale": ("queue", "stale_messages"),
+    "broker_block": ("broker_block", None),
+    "kube_credentials_block": ("kubernetes_credentials_block", None),
+    "policy": ("caveat_policy", None),
+    "timeout": ("timeout_seconds", None),
+    "delete_queues": ("cleanup", "delete_queues"),
+}
+ITEM_OPTIONS = ("items", "file", "jsonl", "range")
+
+
+def _add_rerun_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id", metavar="RUN_ID", help="the earlier queuejob flow run's id")
+    p.add_argument(
+        "--fate",
+        action="append",
+        default=None,
+        help="which of its items: failed, dead_lettered, left, succeeded (repeat, or "
+        "comma-separate; default failed,dead_lettered,left)",
+    )
+    _add_job_options(p)
+    for action in p._actions:
+        if action.dest in ITEM_OPTIONS:  # the items come from the ledger (refused if given)
+            action.help = argparse.SUPPRESS
+    # No defaults: only the options given on the command line (not None, flags not False)
+    # override the earlier run's settings.
+    p.set_defaults(**{a.dest: None for a in p._actions if a.dest not in ("help", "run_id")})
+    if not any("--ledger-storage" in a.option_strings for a in p._actions):
+        p.add_argument(
+            "--ledger-storage",
+            default=None,
+            help="LocalFileSystem or RemoteFileSystem block holding the run's ledger",
+        )
+
+
+def _rerun_overrides(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
+    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    overrides: dict[str, Any] = {}
+    for dest, (param, field) in RERUN_OVERRIDES.items():
+        if dest not in given:
+            continue
+        if field is None:
+            overrides[param] = given[dest]
+        else:
+            overrides.setdefault(param, {})[field] = given[dest]
+    if given.get("keep_job"):
+        overrides.setdefault("cleanup", {})["delete_job"] = False
+    if command:
+        overrides.setdefault("job", {})["command"] = command
+    return overrides
+
+
+def cmd_rerun(args: argparse.Namespace, command: list[str]) -> int:
+    from flows.core.errors import QueueJobError
+
+    given = [name for name in ITEM_OPTIONS if getattr(args, name, None)]
+    if given:
+        print(
+            f"queuejob: a rerun takes its items from run {args.run_id}'s ledger; drop "
+            + ", ".join("ITEM..." if n == "items" else f"--{n}" for n in given),
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        from flows.adapters.ledger_storage import open_storage
+        from flows.core.rerun import parse_fates, rerun_params
+
+        fates = parse_fates(args.fate)
+        # The earlier run's report: an unknown run or a missing ledger stops here, before
+        # Prefect starts and before anything is declared or created.
+        report = open_storage(args.ledger_storage).read_report(args.run_id)
+        params = rerun_params(
+            report.get("params"),
+            run_id=args.run_id,
+            fates=fates,
+            ledger_storage=args.ledger_storage,
+            overrides=_rerun_overrides(args, command),
+        )
+        from flows.rerun import flow_kwargs
+
+        kwargs = flow_kwargs(params)
+    except (QueueJobError, ValueError) as exc:
+        print(f"queuejob: {exc}", file=sys.stderr)
+        return 2
+    problem = _prefect_api_problem()
+    if problem is not None:
+        print(f"queuejob: {problem}", file=sys.stderr)
+        return 2
+    print(
+        f"queuejob rerun: {kwargs['items'].describe()} ({kwargs.get('backend')} backend, "
+        f"queue {kwargs['queue'].name!r})",
+        flush=True,
+    )
+    return _run_flow(kwargs)
+
+
+# --- dead letters ------------------------------------------------------------------------------
+
+DEAD_LETTER_LIST_CAP = 1000
+
+
+def _broker_config(broker_block: str | None) -> Any:
+    """The broker from a RabbitMQBroker block, else QUEUEJOB_BROKER_URL (without importing
+    Prefect when no block is named)."""
+    if broker_block:
+        from flows.tasks import resolve_broker
+
+        return resolve_broker(broker_block)
+    from flows.adapters.broker import BrokerConfig
+    from flows.core.errors import ConfigError
+
+    url = os.environ.get("QUEUEJOB_BROKER_URL")
+    if not url:
+        raise ConfigError(
+            "no broker configured: pass --broker-block <name of a RabbitMQBroker block>, or set "
+            "QUEUEJOB_BROKER_URL"
+        )
+    return BrokerConfig(url=url)
+
+
+def _add_dead_letter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("queue", help="the work queue; its dead letters are in <QUEUE>.dead")
+    p.add_argument(
+        "--requeue",
+        action="store_true",
+        help="move the dead letters back to QUEUE (confirmed, then acked; safe to run again)",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        help=f"at most N dead letters, oldest first (default: all; a listing shows at most "
+        f"{DEAD_LETTER_LIST_CAP})",
+    )
+    p.add_argument("--broker-block", default=None, help="RabbitMQBroker block name")
+    p.add_argument(
+        "--ledger-storage",
+        default=None,
+        help="LocalFileSystem or RemoteFileSystem block holding the runs' ledgers (for the "
+        "exit codes and error tails)",
+    )
+
+
+def _short(run_id: str | None) -> str:
+    return (run_id or "-")[:8]
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from flows.adapters import dead_letters as dl
+    from flows.adapters.broker import QueueSettings
+    from flows.core.dead_letters import plural
+    from flows.core.errors import QueueJobError
+
+    try:
+        qs = QueueSettings(args.queue)
+        cfg = _broker_config(args.broker_block)
+        if args.requeue:
+
+            def show(letter: Any, published: bool) -> None:
+                what = "requeued" if published else "already back (an earlier requeue)"
+                print(f"{what}: {letter.item_id}  (run {_short(letter.run_id)})", flush=True)
+
+            result = dl.requeue_dead_letters(cfg, qs, limit=args.limit, on_requeued=show)
+            print(
+                f"{plural(result.requeued, 'dead letter')} moved back to {qs.name!r}"
+                + (
+                    f", {result.already_requeued} already there from an interrupted requeue"
+                    if result.already_requeued
+                    else ""
+                )
+                + f"; {result.remaining} left in {qs.dead_name!r}"
+            )
+            return 0
+        cap = min(args.limit or DEAD_LETTER_LIST_CAP, DEAD_LETTER_LIST_CAP)
+        listing = dl.list_dead_letters(cfg, qs, limit=cap)
+    except QueueJobError as exc:
+        print(f"queuejob: {exc}", file=sys.stderr)
+        return 1
+    known = _ledger_details(listing.letters, args.ledger_storage)
+    _print_dead_letters(qs.dead_name, listing.total, listing.letters, known)
+    return 0
+
+
+def _ledger_details(letters: list[Any], ledger_storage: str | None) -> dict[tuple[str, str], Any]:
+    """(run id, item id) -> (attempts, exit code, error tail) from the runs' ledgers, for the
+    dead letters listed; runs without a stored ledger are skipped. For a quorum queue's dead
+    letter without a ledger row, attempts come from the run's delivery limit."""
+    from flows.adapters.ledger_storage import open_storage
+    from flows.core.dead_letters import attempts_from
+    from flows.core.errors import QueueJobError
+
+    wanted: dict[str, set[str]] = {}
+    for letter in letters:
+        if letter.run_id:
+            wanted.setdefault(letter.run_id, set()).add(letter.item_id)
+    out: dict[tuple[str, str], Any] = {}
+    if not wanted:
+        return out
+    try:
+        storage = open_storage(ledger_storage)
+    except QueueJobError:
+        return out
+    for run_id, ids in wanted.items():
+        try:
+            params = storage.read_report(run_id).get("params") or {}
+            limit = (params.get("queue") or {}).get("delivery_limit")
+            for item_id in ids:
+                attempts = attempts_from(reason="delivery_limit", failures=0, delivery_limit=limit)
+                out[(run_id, item_id)] = (attempts, None, "")
+            for row in storage.iter_rows(run_id, {"dead_lettered", "failed"}):
+                if row.get("item_id") in ids:
+                    key = (run_id, row["item_id"])
+                    out[key] = (row.get("attempts"), row.get("exit_code"), row.get("error_tail"))
+        except (QueueJobError, ValueError):
+            continue
+    return out
+
+
+def _print_dead_letters(
+    dead_name: str, total: int, letters: list[Any], known: dict[tuple[str, str], Any]
+) -> None:
+    from flows.core.dead_letters import plural
+
+    print(f"queue {dead_name!r} holds {plural(total, 'dead letter')}")
+    if not letters:
+        return
+    rows = [("ITEM", "RUN", "ATTEMPTS", "REASON", "EXIT", "LAST ERROR")]
+    for letter in letters:
+        attempts, exit_code, tail = known.get((letter.run_id, letter.item_id), (None, None, ""))
+        if letter.attempts is not None:  # counted by the worker: exact
+            attempts = letter.attempts
+        lines = [line.strip() for line in (tail or "").splitlines() if line.strip()]
+        last = lines[-1] if lines else "-"
+        rows.append(
+            (
+                letter.item_id,
+                _short(letter.run_id),
+                "?" if attempts is None else str(attempts),
+                letter.reason or "-",
+                "-" if exit_code is None else str(exit_code),
+                last if len(last) <= 60 else last[:57] + "...",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if total > len(letters):
+        more = total - len(letters)
+        print(f"  ... and {more} more (--limit N shows up to {DEAD_LETTER_LIST_CAP})")
+
+
 LEDGER_COLUMNS = (
     ("index", 7),
     ("item_id", 20),
@@ -423,8 +695,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ledger.add_argument("--format", choices=["table", "jsonl"], default="table")
     sub.add_parser("worker", help="the pod program (see `queuejob worker --help`)")
+    _add_rerun_options(
+        sub.add_parser(
+            "rerun",
+            help="rerun an earlier run's failed, dead-lettered, left items",
+            description="Run an earlier run's items of the given fates again as a new run, "
+            "with their ids and bodies from its ledger and its settings from its report. Any "
+            "option below, and a command after '--', overrides the earlier setting.",
+        )
+    )
+    _add_dead_letter_options(
+        sub.add_parser("dead-letters", help="list <QUEUE>.dead, or --requeue it back to QUEUE")
+    )
     args = parser.parse_args(argv)
-    if args.cmd in ("run", "demo"):
+    if args.cmd in ("run", "demo", "rerun"):
         _exit_cleanly_on_sigterm()
     if args.cmd == "run":
         return cmd_run(args, command)
@@ -432,6 +716,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(args)
     if args.cmd == "render":
         return cmd_render(args, command)
+    if args.cmd == "dead-letters":
+        return cmd_dead_letters(args)
+    if args.cmd == "rerun":
+        return cmd_rerun(args, command)
     if args.cmd == "ledger":
         return cmd_ledger(args)
     parser.error(f"unknown command {args.cmd}")

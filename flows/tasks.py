@@ -11,7 +11,7 @@ fresh pod, without Prefect's result cache - never duplicates items or Jobs.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, cast
 
 from prefect import task
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from flows.adapters import broker as broker_io
 from flows.core.backend import JobBackend, JobHandle
 from flows.core.errors import ConfigError, RetryableError
-from flows.core.items import ItemSource, count_items, iter_items
+from flows.core.items import Item, ItemSource, iter_items
 
 BROKER_URL_ENV = "QUEUEJOB_BROKER_URL"
 
@@ -125,13 +125,27 @@ def resolve_broker(broker_block: str | None) -> broker_io.BrokerConfig:
     return broker_io.BrokerConfig(url=url)
 
 
+def source_items(source: ItemSource) -> Iterator[Item]:
+    """The source's items; for kind ``ledger`` streamed from the earlier run's stored ledger
+    (`LedgerNotFound` names the run and the location when it has none)."""
+    if source.kind != "ledger":
+        return iter_items(source)
+    from flows.adapters.ledger_storage import open_storage
+    from flows.core.rerun import fate_statuses
+
+    assert source.run_id is not None  # the model requires it for kind 'ledger'
+    storage = open_storage(source.ledger_storage)
+    rows = storage.iter_rows(source.run_id, fate_statuses(source.fates))
+    return iter_items(source, rows=rows)
+
+
 # --- tasks ---------------------------------------------------------------------------------
 
 
 @task(name="validate-items", **{**RETRIES, "retries": 0})
 def validate_items(source: ItemSource) -> int:
     """Read the whole item source once, before any side effect; return how many items."""
-    return count_items(source)
+    return sum(1 for _ in source_items(source))
 
 
 # No task retries: the adapter already retries with back-off until the deadline, and a second
@@ -171,7 +185,9 @@ def fill_queue(
     on_progress: Callable[[int], None] | None = None,
 ) -> broker_io.FillResult:
     """Publish every item, persistent and confirmed; idempotent for the same run."""
-    return broker_io.fill_queue(cfg, qs, iter_items(source), run_id=run_id, on_progress=on_progress)
+    return broker_io.fill_queue(
+        cfg, qs, source_items(source), run_id=run_id, on_progress=on_progress
+    )
 
 
 @task(name="check-namespace", **RETRIES)

@@ -41,7 +41,7 @@ from flows.adapters.ledger_store import RunLedger
 from flows.core import caveats
 from flows.core.backend import JobHandle
 from flows.core.errors import InvalidInput, JobFailed, QueueJobError
-from flows.core.items import ItemSource, iter_items
+from flows.core.items import ItemSource
 from flows.core.job_status import JobPhase, JobState
 from flows.core.manifest import (
     ITEMS_ANNOTATION,
@@ -175,7 +175,7 @@ def wait_for_job(
     )
     try:
         if not ledger.items_loaded:  # streamed from the source, in batches
-            ledger.load_items(iter_items(items))
+            ledger.load_items(tasks.source_items(items))
         with monitor:
             state = backend.wait(handle, timeout_s=timeout_s, on_update=monitor.on_update)
             monitor.drain_until_quiet()
@@ -201,6 +201,10 @@ def _report_markdown(report: dict[str, Any], findings: list[caveats.Finding]) ->
         f"queue `{report['queue']}`: **{report['job_phase']}**"
         + (f" ({report['job_reason']})" if report.get("job_reason") else ""),
         "",
+    ]
+    if report.get("rerun_of"):
+        lines += [f"A rerun of run `{report['rerun_of']}`: its items from that run's ledger.", ""]
+    lines += [
         "| items | succeeded | failed | dead-lettered | left in queue | processed twice |",
         "|---|---|---|---|---|---|",
         f"| {s['expected']} | {s['succeeded']} | {s['failed']} | {s['dead_lettered']} | "
@@ -505,6 +509,7 @@ def _wait_and_report(
             summary=summary,
             delivery_limit=qs.delivery_limit if qs.queue_type == "quorum" else None,
             unreported_attempts=ledger.unreported_attempts(),
+            run_id=run_id,
         )
     )
 
@@ -541,6 +546,8 @@ def _wait_and_report(
         "kept_queues": kept,
         "wall_time_s": round(time.monotonic() - started, 2),
         "labels": run_labels(run_id),
+        # The run whose ledger this one's items came from (queuejob rerun), else None.
+        "rerun_of": _rerun_of(params),
     }
     storage.write_report(run_id, {**report, "params": params})
     rows = [_table_row(r) for r in ledger.rows(limit=TABLE_ROW_CAP)]
@@ -591,3 +598,10 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
     if len(body) > TABLE_BODY_CAP:
         row = {**row, "body": body[:TABLE_BODY_CAP] + "..."}
     return row
+
+
+def _rerun_of(params: dict[str, Any]) -> str | None:
+    """The earlier run a rerun's items come from (an item source of kind 'ledger')."""
+    items = params.get("items") or {}
+    run_id = items.get("run_id") if items.get("kind") == "ledger" else None
+    return str(run_id) if run_id else None

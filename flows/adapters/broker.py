@@ -242,8 +242,13 @@ class QueueSettings:
 
     @property
     def lock_name(self) -> str:
-        """The exclusive queue a running fill holds."""
+        """The exclusive queue a running fill (or dead-letter requeue) holds."""
         return f"{self.name}.fill.lock"
+
+    @property
+    def requeued_name(self) -> str:
+        """The queue recording which dead letters a requeue moved back (adapters.dead_letters)."""
+        return f"{self.name}.requeued"
 
 
 def check_queue_name(name: str) -> str:
@@ -647,7 +652,8 @@ def delete_queues(
 ) -> dict[str, int]:
     """Delete the run's queues; return the queues kept, with the messages each still holds.
 
-    The results and fill-marker queues are the run's bookkeeping and always go. The work and
+    The results, fill-marker and requeue-record queues are the run's bookkeeping and go (the
+    requeue records stay while the dead-letter queue does: they keep a requeue idempotent). The work and
     dead-letter queues hold items: with ``only_if_empty`` (the default) each is deleted only when
     it holds no message and has no consumer, and is otherwise kept and returned, so that no item
     is lost with its queue. ``only_if_empty=False`` deletes them with whatever they hold. Queues
@@ -655,7 +661,9 @@ def delete_queues(
     """
     kept: dict[str, int] = {}
     with _session(cfg) as conn:
-        for name in (qs.name, qs.dead_name, qs.results_name, qs.fill_name):
+        for name in (qs.name, qs.dead_name, qs.results_name, qs.fill_name, qs.requeued_name):
+            if name == qs.requeued_name and qs.dead_name in kept:
+                continue
             guarded = only_if_empty and name in (qs.name, qs.dead_name)
             if guarded:
                 try:

@@ -239,12 +239,15 @@ def check_after(
     summary: LedgerSummary,
     delivery_limit: int | None,
     unreported_attempts: int = 0,
+    run_id: str | None = None,
 ) -> list[Finding]:
     """Findings once the Job has ended: items left, ledger gaps, failures, dead letters.
 
     ``unreported_attempts`` counts items that were delivered again after an attempt that left
-    no outcome record (`Ledger.items_with_unreported_attempts`).
+    no outcome record (`Ledger.items_with_unreported_attempts`). ``run_id`` names this run in
+    the advice for failed and dead-lettered items (the rerun command).
     """
+    rerun = f"queuejob rerun {run_id or '<RUN_ID>'}"
     out: list[Finding] = []
     left = residual_ready + residual_unacked
     if left:
@@ -266,8 +269,10 @@ def check_after(
                 Code.DEAD_LETTERS,
                 Severity.ERROR,
                 f"{dead_letters} item(s) were dead-lettered{limit} into {queue + '.dead'!r}",
-                "inspect them there, fix the cause and re-queue them; the pods' stderr tails are "
-                "in the ledger",
+                f"the pods' stderr tails are in the ledger (`queuejob dead-letters {queue}` lists "
+                f"them); fix the cause, then `{rerun} --fate dead_lettered` runs them again as a "
+                f"new run, or `queuejob dead-letters {queue} --requeue` puts them back in the "
+                "queue",
                 {"dead_lettered": dead_letters},
             )
         )
@@ -277,7 +282,9 @@ def check_after(
                 Code.ITEMS_FAILED,
                 Severity.ERROR,
                 f"{summary.failed} item(s) failed on their last attempt",
-                "see the ledger's error tails for each",
+                "see the ledger's error tails for each; fix the cause, then "
+                f"`{rerun} --fate failed` runs them again (`{rerun}` takes the failed, "
+                "dead-lettered and left items together)",
                 {"failed": summary.failed},
             )
         )

@@ -2,8 +2,9 @@
 
 An item source is one of: an inline list of strings, a text file (one item per line, blank lines
 skipped), a JSON Lines file (one object per line, optional ``id`` field; the whole object is the
-message body), or an integer range. Sources are streamed: a file of a million lines is read line
-by line and never held in memory at once.
+message body), an integer range, or an earlier run's ledger (its items of the given fates, with
+their ids and bodies, for a rerun; the caller reads the rows). Sources are streamed: a file of a
+million lines is read line by line and never held in memory at once.
 
 Every item gets a stable id: the one given (JSON Lines ``id``, range value), or one derived from
 its position and content, so a repeated fill of the same source names the same items the same way.
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,15 +42,29 @@ class ItemSource(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["list", "text", "jsonl", "range"] = Field(
+    kind: Literal["list", "text", "jsonl", "range", "ledger"] = Field(
         description="list: inline values; text: a file, one item per line; jsonl: a JSON Lines "
-        "file, one object per line with an optional 'id'; range: integers start..stop-1."
+        "file, one object per line with an optional 'id'; range: integers start..stop-1; "
+        "ledger: an earlier run's items of the given fates (a rerun)."
     )
     values: tuple[str, ...] | None = Field(default=None, description="The items, for kind 'list'.")
     path: str | None = Field(default=None, description="The file, for kinds 'text' and 'jsonl'.")
     start: int = Field(default=0, description="First integer, for kind 'range'.")
     stop: int | None = Field(default=None, description="End (exclusive), for kind 'range'.")
     step: int = Field(default=1, description="Step, for kind 'range'; not 0.")
+    run_id: str | None = Field(
+        default=None, description="The earlier flow run whose items to rerun, for kind 'ledger'."
+    )
+    fates: tuple[Literal["succeeded", "failed", "dead_lettered", "left"], ...] = Field(
+        default=("failed", "dead_lettered", "left"),
+        description="Which of its items, for kind 'ledger': succeeded, failed, dead_lettered, "
+        "left (never finished: still queued or lost in flight).",
+    )
+    ledger_storage: str | None = Field(
+        default=None,
+        description="Where that run's ledger is, for kind 'ledger': a LocalFileSystem or "
+        "RemoteFileSystem block name (default: the local ledger directory).",
+    )
     max_item_bytes: int = Field(
         default=DEFAULT_MAX_ITEM_BYTES,
         ge=1,
@@ -68,7 +83,33 @@ class ItemSource(BaseModel):
                 raise ValueError("kind 'range' needs 'stop' (exclusive end)")
             if self.step == 0:
                 raise ValueError("range step must not be 0")
+        if self.kind == "ledger":
+            if not self.run_id or not self.run_id.strip():
+                raise ValueError(
+                    "kind 'ledger' needs 'run_id': the flow run whose items to run again"
+                )
+            if not self.fates:
+                raise ValueError(
+                    "kind 'ledger' needs at least one fate: succeeded, failed, dead_lettered, left"
+                )
         return self
+
+    @classmethod
+    def ledger(
+        cls,
+        run_id: str,
+        fates: Iterable[str] = ("failed", "dead_lettered", "left"),
+        ledger_storage: str | None = None,
+    ) -> ItemSource:
+        """An earlier run's items of the given fates, read back from its ledger."""
+        return cls.model_validate(
+            {
+                "kind": "ledger",
+                "run_id": run_id,
+                "fates": tuple(fates),
+                "ledger_storage": ledger_storage,
+            }
+        )
 
     @classmethod
     def inline(cls, values: list[str] | tuple[str, ...]) -> ItemSource:
@@ -86,6 +127,8 @@ class ItemSource(BaseModel):
             return f"inline list of {len(self.values or ())} items"
         if self.kind == "range":
             return f"range({self.start}, {self.stop}, {self.step})"
+        if self.kind == "ledger":
+            return f"the {', '.join(self.fates)} items of run {self.run_id}"
         return f"{self.kind} file {self.path}"
 
 
@@ -94,14 +137,28 @@ def derived_id(index: int, body: bytes) -> str:
     return f"{index}-{hashlib.blake2b(body, digest_size=4).hexdigest()}"
 
 
-def iter_items(source: ItemSource, *, stream: BinaryIO | None = None) -> Iterator[Item]:
+def iter_items(
+    source: ItemSource,
+    *,
+    stream: BinaryIO | None = None,
+    rows: Iterable[Mapping[str, Any]] | None = None,
+) -> Iterator[Item]:
     """Yield the source's items in order, validating as it goes.
 
     For file kinds the caller may pass an open binary ``stream`` (the file is opened from
-    ``source.path`` otherwise). Raises `ItemError` on the first bad item; an empty source is an
-    error too, raised once the end is reached with nothing yielded.
+    ``source.path`` otherwise). For kind ``ledger`` the caller passes the earlier run's ledger
+    ``rows`` of the source's fates (this module does no I/O to storage). Raises `ItemError` on
+    the first bad item; an empty source is an error too, raised once the end is reached with
+    nothing yielded.
     """
-    if source.kind == "list":
+    if source.kind == "ledger":
+        if rows is None:
+            raise ItemError(
+                f"{source.describe()}: the ledger's rows must be read by the caller "
+                "(flows.tasks.source_items does)"
+            )
+        yield from _nonempty(_iter_ledger(source, rows), source)
+    elif source.kind == "list":
         yield from _nonempty(_iter_list(source), source)
     elif source.kind == "range":
         yield from _nonempty(_iter_range(source), source)
@@ -135,7 +192,31 @@ def _nonempty(items: Iterator[Item], source: ItemSource) -> Iterator[Item]:
         seen = True
         yield item
     if not seen:
+        if source.kind == "ledger":
+            raise ItemError(
+                f"nothing to rerun: run {source.run_id} has no {' or '.join(source.fates)} "
+                "items in its ledger"
+            )
         raise ItemError(f"no items in {source.describe()}: give at least one item")
+
+
+def _iter_ledger(source: ItemSource, rows: Iterable[Mapping[str, Any]]) -> Iterator[Item]:
+    """The ledger rows as items: their original ids and bodies, numbered in the new run."""
+    for index, row in enumerate(rows):
+        item_id = row.get("item_id")
+        body_text = row.get("body")
+        where = f"ledger of run {source.run_id}, row {index + 1}"
+        if not isinstance(item_id, str) or not item_id:
+            raise ItemError(f"{where}: no item id; the ledger is damaged, run the items again")
+        if not isinstance(body_text, str):
+            raise ItemError(
+                f"{where} (item {item_id!r}): the ledger does not hold the item's body (it was "
+                "written by a queuejob from before reruns): run the items again with "
+                "`queuejob run` from their source"
+            )
+        body = body_text.encode("utf-8")
+        _check_size(body, source, f"{where} (item {item_id!r})")
+        yield Item(id=item_id, index=index, body=body)
 
 
 def _check_size(body: bytes, source: ItemSource, where: str) -> None:

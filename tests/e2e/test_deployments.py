@@ -48,7 +48,13 @@ def deployments(stack: PrefectStack) -> dict[str, dict[str, Any]]:
 
 
 def test_deploy_all_creates_both_pairs_on_their_pools(deployed: PrefectStack) -> None:
-    assert deployed.deploy_output.count("successfully created") == len(EXPECTED)
+    # ... and rerun-failures, a deployment of the flow queuejob-rerun.
+    assert deployed.deploy_output.count("successfully created") == len(EXPECTED) + 1
+    rerun = deployed.post("/deployments/filter", {"flows": {"name": {"any_": ["queuejob-rerun"]}}})
+    assert [(d["name"], d["entrypoint"]) for d in rerun] == [
+        ("rerun-failures", "flows.rerun.rerun_failures")
+    ]
+    assert "run_id" in rerun[0]["parameter_openapi_schema"]["required"]
     found = deployments(deployed)
     assert set(found) == set(EXPECTED)
     for name, (pool, queue, _) in EXPECTED.items():

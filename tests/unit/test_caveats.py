@@ -445,3 +445,19 @@ def test_kept_queues_each_get_a_finding_that_says_where_the_items_are() -> None:
     dead = caveats.check_kept_queues(queue="job1", dead_queue="job1.dead", kept={"job1.dead": 1})
     assert "dead letters" in dead[0].advice
     assert caveats.check_kept_queues(queue="job1", dead_queue="job1.dead", kept={}) == []
+
+
+def test_failed_and_dead_lettered_advice_names_the_rerun_command() -> None:
+    findings = after(
+        run_id="1a2b-run",
+        dead_letters=1,
+        summary=summary(expected=8, succeeded=6, failed=1, dead_lettered=1, attempts=12),
+        state=state(JobPhase.SUCCEEDED, succeeded=8),
+    )
+    by_code = {f.code: f for f in findings}
+    dead = by_code[Code.DEAD_LETTERS].advice
+    assert "`queuejob rerun 1a2b-run --fate dead_lettered`" in dead
+    assert "`queuejob dead-letters job1 --requeue`" in dead
+    failed = by_code[Code.ITEMS_FAILED].advice
+    assert "`queuejob rerun 1a2b-run --fate failed`" in failed
+    assert "<RUN_ID>" in after(dead_letters=1)[0].advice  # no run id given: a placeholder

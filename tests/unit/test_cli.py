@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import yaml
 
@@ -64,3 +68,76 @@ def test_bad_numbers_are_refused_by_the_parser(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_dead_letters_without_a_broker_says_how_to_name_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QUEUEJOB_BROKER_URL", raising=False)
+    assert main(["dead-letters", "job1", "--requeue"]) == 1
+    err = capsys.readouterr().err
+    assert "no broker configured" in err and "QUEUEJOB_BROKER_URL" in err
+
+
+def test_dead_letters_refuses_a_bad_queue_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dead-letters", "job 1"]) == 1
+    assert "queue name 'job 1' contains ' '" in capsys.readouterr().err
+
+
+def _rerun_args(argv: list[str]) -> Any:
+    import argparse
+
+    from flows.cli import _add_rerun_options
+
+    parser = argparse.ArgumentParser()
+    _add_rerun_options(parser)
+    return parser.parse_args(argv)
+
+
+def test_rerun_overrides_only_the_options_given() -> None:
+    from flows.cli import _rerun_overrides
+
+    assert _rerun_overrides(_rerun_args(["r1"]), []) == {}
+    args = _rerun_args(
+        ["r1", "--fate", "failed", "--parallelism", "2", "--stale", "fail", "--keep-job",
+         "--policy", "warn", "--backend", "local"]
+    )  # fmt: skip
+    assert args.fate == ["failed"]
+    assert _rerun_overrides(args, ["sh", "-c", "cat"]) == {
+        "job": {"parallelism": 2, "command": ["sh", "-c", "cat"]},
+        "queue": {"stale_messages": "fail"},
+        "cleanup": {"delete_job": False},
+        "caveat_policy": "warn",
+        "backend": "local",
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["rerun", "no-such-run"], "no ledger for run no-such-run at", id="unknown"),
+        pytest.param(["rerun", "r1", "--fate", "lost"], "unknown fate 'lost'", id="bad-fate"),
+        pytest.param(["rerun", "r1", "a", "b"], "drop ITEM...", id="items"),
+        pytest.param(["rerun", "r1", "--range", "0", "3"], "drop --range", id="range"),
+    ],
+)
+def test_rerun_bad_input_exits_2_before_anything_starts(
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("QUEUEJOB_LEDGER_DIR", str(tmp_path))
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rerun_of_a_report_without_parameters_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("QUEUEJOB_LEDGER_DIR", str(tmp_path))
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "report.json").write_text(json.dumps({"run_id": "r1"}))
+    assert main(["rerun", "r1"]) == 2
+    assert "does not record its parameters" in capsys.readouterr().err

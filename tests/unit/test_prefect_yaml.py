@@ -30,6 +30,9 @@ def by_name(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {d["name"]: d for d in config["deployments"]}
 
 
+RERUN = "rerun-failures"
+
+
 def test_two_pairs_on_their_pools_and_queues(by_name: dict[str, dict[str, Any]]) -> None:
     pools = {
         name: (dep["work_pool"]["name"], dep["work_pool"]["work_queue_name"])
@@ -40,6 +43,7 @@ def test_two_pairs_on_their_pools_and_queues(by_name: dict[str, dict[str, Any]])
         "nightly": ("queuejob-local", "nightly"),
         "on-demand-k8s": ("queuejob-k8s", "on-demand"),
         "nightly-k8s": ("queuejob-k8s", "nightly"),
+        RERUN: ("queuejob-local", "on-demand"),
     }
     for name, dep in by_name.items():
         assert dep["enforce_parameter_schema"] is True, name
@@ -50,9 +54,9 @@ def test_two_pairs_on_their_pools_and_queues(by_name: dict[str, dict[str, Any]])
 def test_entrypoint_is_the_flow(by_name: dict[str, dict[str, Any]]) -> None:
     from prefect.flows import load_flow_from_entrypoint
 
-    for dep in by_name.values():
+    for name, dep in by_name.items():
         flow = load_flow_from_entrypoint(dep["entrypoint"], use_placeholder_flow=False)
-        assert flow.name == "queuejob"
+        assert flow.name == ("queuejob-rerun" if name == RERUN else "queuejob"), name
 
 
 def test_every_deployments_parameters_are_accepted_by_the_flow(
@@ -61,6 +65,8 @@ def test_every_deployments_parameters_are_accepted_by_the_flow(
     from flows.work_queue import run_work_queue
 
     for name, dep in by_name.items():
+        if name == RERUN:
+            continue
         params = run_work_queue.validate_parameters(dep["parameters"])
         assert params["backend"] == ("kubernetes" if name.endswith("-k8s") else "local"), name
         assert params["broker_block"] == "queuejob-broker"
@@ -88,3 +94,19 @@ def test_kubernetes_pair_runs_as_the_rbac_service_account(
         assert variables["service_account_name"] == account["metadata"]["name"]
         assert variables["namespace"] == account["metadata"]["namespace"]
         assert variables["image"]
+
+
+def test_rerun_deployments_form_asks_for_the_run_id(by_name: dict[str, dict[str, Any]]) -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.rerun import rerun_failures
+
+    dep = by_name[RERUN]
+    assert "run_id" not in dep["parameters"]  # no default: the form asks for it
+    schema = parameter_schema(rerun_failures).model_dump()
+    assert "run_id" in schema["required"]
+    assert "earlier queuejob flow run" in schema["properties"]["run_id"]["description"]
+    params = rerun_failures.validate_parameters({**dep["parameters"], "run_id": "r1"})
+    assert params["fates"] == ["failed", "dead_lettered", "left"]
+    with pytest.raises(Exception, match="run_id"):
+        rerun_failures.validate_parameters(dep["parameters"])
