@@ -50,6 +50,7 @@ from flows.monitor import Progress, RunMonitor
 from flows.params import CleanupParams, JobParams, QueueParams, default_items, job_spec_for_run
 
 TABLE_ROW_CAP = 500
+POD_FAILURES_SHOWN = 20  # failed pods whose log tail goes to the run's logs and the report
 # Fault injection for tests, on a flow run's first attempt only: "crash-after-create-job", or
 # "crash-after-wait" (the Job is done and its records read, the ledger not yet saved).
 FAULT_ENV = "QUEUEJOB_FAULT"
@@ -235,11 +236,30 @@ def _report_markdown(report: dict[str, Any], findings: list[caveats.Finding]) ->
         lines += ["No caveat findings."]
     if report.get("pod_failures"):
         lines += ["", "## Failed pods", ""]
-        for pf in report["pod_failures"][:20]:
+        for pf in report["pod_failures"][:POD_FAILURES_SHOWN]:
             tail = pf["log_tail"].strip().replace("\n", "\n    ")
             lines += [f"- `{pf['pod']}` exit {pf['exit_code']} ({pf['reason']}):", f"    {tail}"]
     lines += ["", f"Full ledger (JSON Lines): `{report['ledger_path']}`"]
     return "\n".join(lines)
+
+
+def _log_pod_failures(logger: Any, pod_failures: list[dict[str, Any]]) -> None:
+    """Put each failed pod's exit code and the end of its log in the run's logs (the report
+    artifact has them too, but the logs are where a failed run is read first)."""
+    for pf in pod_failures[:POD_FAILURES_SHOWN]:
+        tail = pf["log_tail"].rstrip() or "(the pod wrote nothing)"
+        logger.warning(
+            "pod %s failed: exit code %s (%s); the end of its log:\n%s",
+            pf["pod"],
+            pf["exit_code"],
+            pf["reason"] or "Error",
+            tail,
+        )
+    if len(pod_failures) > POD_FAILURES_SHOWN:
+        logger.warning(
+            "%d more pods failed: the report artifact lists them",
+            len(pod_failures) - POD_FAILURES_SHOWN,
+        )
 
 
 def cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
@@ -416,6 +436,7 @@ def run_work_queue(
             {"pod": p.pod, "exit_code": p.exit_code, "reason": p.reason, "log_tail": p.log_tail}
             for p in backend_io.failure_details(handle)
         ]
+        _log_pod_failures(logger, pod_failures)
     findings.extend(
         caveats.check_after(
             queue=qs.name,
