@@ -121,6 +121,32 @@ def test_poison_item_is_dead_lettered_while_the_rest_succeed(
     assert "bad fig" in fig["error_tail"]
 
 
+def test_a_failed_job_puts_each_failed_pods_exit_code_and_log_tail_in_the_run_logs(
+    flow_env: dict[str, str], queue_name: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    command = ["sh", "-c", 'echo "cannot handle $(cat)" >&2; exit 4']
+    kwargs = local_kwargs(queue_name, items=["apple"], command=command, backoff_limit=0)
+    state = run_work_queue(**kwargs, return_state=True)
+    assert state.is_failed()
+    run_id = state.state_details.flow_run_id
+
+    def pod_lines() -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+            )
+        return [log.message for log in logs if " failed: exit code " in log.message]
+
+    # The run's logs reach the API in batches, every few seconds.
+    (line,) = wait_for(pod_lines, 30, "the failed pod's line in the run's logs")
+    assert "failed: exit code 1 (Error); the end of its log:" in line
+    assert "cannot handle apple" in line
+    assert "failed with exit code 4" in line  # the worker's own line, from the pod log
+
+
 def test_crash_after_the_wait_then_retry_keeps_every_record(
     flow_env: dict[str, str], queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
