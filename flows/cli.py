@@ -468,10 +468,16 @@ class _NoTraceback(logging.Formatter):
 
 
 def _prepare_prefect(debug: bool) -> None:
-    """Before Prefect is imported: no telemetry from the temporary server (the user's own
-    setting wins); after: no tracebacks on the terminal unless --debug. The run's logs in the
-    Prefect API keep them (only the console handlers change)."""
+    """Set Prefect up for a run from the terminal.
+
+    Before Prefect is imported: no telemetry from the temporary server, and time for it to
+    start (the user's own settings win). After: no tracebacks on the terminal unless --debug;
+    the run's logs in the Prefect API keep them (only the console handlers change).
+    """
     os.environ.setdefault(TELEMETRY_ENV, "false")
+    # Prefect waits 20 s for its temporary server; a first run (database set-up) on a busy
+    # machine takes longer. The user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()  # as `import prefect.main` would; later set-ups keep the handlers
