@@ -365,8 +365,11 @@ def check_run_input(kwargs: dict[str, Any]) -> None:
 
 
 def _check_items(items: Any) -> None:
-    from flows.core.items import count_items
+    from flows.core.items import count_items, iter_items
 
+    if items.kind == "range":
+        next(iter_items(items))  # integers are always valid: only an empty range is refused
+        return
     # The flow's own validation, streamed: the file is read once here, never held in memory.
     count_items(items)
 
