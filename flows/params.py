@@ -6,14 +6,20 @@ Every field has a description and bounds, so a bad value is rejected before the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flows.core.errors import InvalidInput
 from flows.core.items import ItemSource
 from flows.core.manifest import JobSpec
+from flows.core.validation import readable_errors
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+# The image of a local-backend run that names none: the pods are local processes, no image is
+# pulled, but the Job manifest still needs one.
+LOCAL_IMAGE = "localhost/queuejob:local"
 
 
 class QueueParams(BaseModel):
@@ -178,3 +184,32 @@ def job_spec_from(base: dict[str, object], job: JobParams, mode: str) -> JobSpec
     """Merge a template's fields, the run's overrides and the mode into a validated JobSpec."""
     merged = {**base, **job.overrides(), "mode": mode}
     return JobSpec.model_validate(merged)
+
+
+def job_spec_for_run(
+    job: JobParams, mode: str, backend: str, *, names: Mapping[str, str] | None = None
+) -> JobSpec:
+    """The JobSpec of a run that names no template block: the run's own settings.
+
+    Raises `InvalidInput` with one plain line when there is no command or call, no image for the
+    kubernetes backend, or a value JobSpec refuses. ``names`` renames fields in that line (the
+    CLI shows its options, ``--namespace`` for ``job.namespace``).
+    """
+    if not job.command and not job.call:
+        raise InvalidInput(
+            "job.command is missing: give the command run per item (job.command), a Python "
+            "callable (job.call, 'module:function') or job.template_block naming a "
+            "WorkQueueJobTemplate block"
+        )
+    base: dict[str, object] = {}
+    if job.image is None:
+        if backend != "local":
+            raise InvalidInput(
+                "no image: set job.image, or job.template_block naming a WorkQueueJobTemplate"
+            )
+        base["image"] = LOCAL_IMAGE
+    try:
+        return job_spec_from(base, job, mode)
+    except ValidationError as exc:
+        problems = readable_errors(exc, show_input=True, prefix="job", names=names)
+        raise InvalidInput(f"invalid job settings: {problems}") from exc

@@ -17,6 +17,7 @@ Cancellation and crashes delete the run's Job, pods and Secret from hooks that f
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Literal, cast
@@ -32,7 +33,6 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.utilities.annotations import quote
-from pydantic import ValidationError
 
 from flows import tasks
 from flows.adapters import broker as broker_io
@@ -53,10 +53,10 @@ from flows.core.manifest import (
     secret_name,
 )
 from flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
-from flows.params import CleanupParams, JobParams, QueueParams, default_items, job_spec_from
+from flows.params import CleanupParams, JobParams, QueueParams, default_items, job_spec_for_run
 
 TABLE_ROW_CAP = 500
-LOCAL_IMAGE = "localhost/queuejob:local"
+POD_FAILURES_SHOWN = 20  # failed pods whose log tail goes to the run's logs and the report
 # Fault injection for tests, on a flow run's first attempt only: "crash-after-create-job", or
 # "crash-after-wait" (the Job is done and its records read, the ledger not yet saved).
 FAULT_ENV = "QUEUEJOB_FAULT"
@@ -102,20 +102,66 @@ def _job_spec(job: JobParams, mode: str, backend: str) -> JobSpec:
             ) from exc
         # The run's overrides apply on top of the block (None values keep the block's).
         return template.to_job_spec(**job.overrides(), mode=mode)
-    base: dict[str, object] = {}
-    if job.image is None:
-        if backend != "local":
-            raise InvalidInput(
-                "no image: set job.image, or job.template_block naming a WorkQueueJobTemplate"
-            )
-        base["image"] = LOCAL_IMAGE
     try:
-        return job_spec_from(base, job, mode)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}" for err in exc.errors()
-        )
-        raise InvalidInput(f"invalid job settings: {problems}") from exc
+        return job_spec_for_run(job, mode, backend)
+    except InvalidInput as exc:
+        missing = _missing_job_field(job, backend)
+        if missing is None:
+            raise
+        hint = _deployment_job_hint(missing)
+        if hint is None:
+            raise
+        raise InvalidInput(hint) from exc
+
+
+def _missing_job_field(job: JobParams, backend: str) -> str | None:
+    """The field a run's `job` lacks to make a Job on its own (no template block), or None."""
+    if job.template_block:
+        return None
+    if not job.command and not job.call:
+        return "command"
+    if job.image is None and backend != "local":
+        return "image"
+    return None
+
+
+def _deployment_job_hint(missing: str) -> str | None:
+    """For a run of a deployment whose `job` has what this run's lacks: say why.
+
+    Prefect replaces a parameter given at run time whole (``--param job='{"parallelism": 4}'``,
+    or ``create_flow_run`` with a partial ``job``): the deployment's command, image or template
+    block are gone. The flow cannot tell a field left out from one set to null, so it explains
+    rather than merges. None when the run is not from a deployment, or its deployment's `job`
+    lacks the field too (then the plain message says what to set).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    deployment_id = ctx.flow_run.deployment_id if ctx and ctx.flow_run else None
+    if deployment_id is None:
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            deployed = client.read_deployment(deployment_id)
+    except Exception:  # the hint is a courtesy: without it the plain message still stands
+        return None
+    deployed_job = (deployed.parameters or {}).get("job") or {}
+    if not isinstance(deployed_job, dict):
+        return None
+    has = {
+        "command": bool(deployed_job.get("command") or deployed_job.get("call")),
+        "image": bool(deployed_job.get("image")),
+    }
+    if not (has[missing] or deployed_job.get("template_block")):
+        return None
+    return (
+        f"job.{missing} is missing: a parameter given at run time replaces the deployment's "
+        f"whole `job` (Prefect does not merge the two), and this run's `job` has no {missing}. "
+        f"Give the whole object: the deployment's is {json.dumps(deployed_job)}; change what "
+        "you need in it, or start the run from the UI's Custom run form, which begins with the "
+        "deployment's values"
+    )
 
 
 def _progress_artifact_listener(run_id: str) -> Any:
@@ -221,11 +267,30 @@ def _report_markdown(report: dict[str, Any], findings: list[caveats.Finding]) ->
         lines += ["No caveat findings."]
     if report.get("pod_failures"):
         lines += ["", "## Failed pods", ""]
-        for pf in report["pod_failures"][:20]:
+        for pf in report["pod_failures"][:POD_FAILURES_SHOWN]:
             tail = pf["log_tail"].strip().replace("\n", "\n    ")
             lines += [f"- `{pf['pod']}` exit {pf['exit_code']} ({pf['reason']}):", f"    {tail}"]
     lines += ["", f"Full ledger (JSON Lines, one row per item): `{report['ledger_path']}`"]
     return "\n".join(lines)
+
+
+def _log_pod_failures(logger: Any, pod_failures: list[dict[str, Any]]) -> None:
+    """Put each failed pod's exit code and the end of its log in the run's logs (the report
+    artifact has them too, but the logs are where a failed run is read first)."""
+    for pf in pod_failures[:POD_FAILURES_SHOWN]:
+        tail = pf["log_tail"].rstrip() or "(the pod wrote nothing)"
+        logger.warning(
+            "pod %s failed: exit code %s (%s); the end of its log:\n%s",
+            pf["pod"],
+            pf["exit_code"],
+            pf["reason"] or "Error",
+            tail,
+        )
+    if len(pod_failures) > POD_FAILURES_SHOWN:
+        logger.warning(
+            "%d more pods failed: the report artifact lists them",
+            len(pod_failures) - POD_FAILURES_SHOWN,
+        )
 
 
 def cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
@@ -498,6 +563,7 @@ def _wait_and_report(
             {"pod": p.pod, "exit_code": p.exit_code, "reason": p.reason, "log_tail": p.log_tail}
             for p in backend_io.failure_details(handle)
         ]
+        _log_pod_failures(logger, pod_failures)
     findings.extend(
         caveats.check_after(
             queue=qs.name,

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Prefect: ephemeral API, one reusable home, no telemetry, quiet logs. Set before prefect imports.
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".cache" / "prefect-test-home"))
+# Prefect creates its home but not the folders above it: a fresh clone has no .cache yet.
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -653,10 +653,11 @@ def delete_queues(
     """Delete the run's queues; return the queues kept, with the messages each still holds.
 
     The results, fill-marker and requeue-record queues are the run's bookkeeping and go (the
-    requeue records stay while the dead-letter queue does: they keep a requeue idempotent). The work and
-    dead-letter queues hold items: with ``only_if_empty`` (the default) each is deleted only when
-    it holds no message and has no consumer, and is otherwise kept and returned, so that no item
-    is lost with its queue. ``only_if_empty=False`` deletes them with whatever they hold. Queues
+    requeue records stay while the dead-letter queue does: they keep a requeue idempotent). The
+    work and dead-letter queues hold items: with ``only_if_empty`` (the default) each is deleted
+    only when it holds no message and has no consumer, and is otherwise kept and returned, so
+    that no item is lost with its queue. ``only_if_empty=False`` deletes them with whatever they
+    hold. Queues
     that do not exist are skipped.
     """
     kept: dict[str, int] = {}

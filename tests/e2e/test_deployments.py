@@ -195,3 +195,35 @@ def test_on_demand_run_from_the_ui_completes_with_ledger_and_artifacts(
     stored = json.loads((Path(deployed.ledger_dir) / run_id / "report.json").read_text())
     assert stored["params"]["ledger_storage"] is None
     assert stored["ledger"] == str(Path(deployed.ledger_dir).resolve() / run_id)
+
+
+def test_a_partial_job_given_at_run_time_is_explained(
+    deployed: PrefectStack, queue_name: str
+) -> None:
+    # `prefect deployment run queuejob/on-demand --param job='{"parallelism": 4}'` posts this:
+    # Prefect replaces the deployment's whole `job`, so the run has no command.
+    dep = deployed.get(f"/deployments/name/{FLOW_NAME}/on-demand")
+    run = deployed.post(
+        f"/deployments/{dep['id']}/create_flow_run",
+        {"parameters": {"job": {"parallelism": 4}, "queue": {"name": queue_name}}},
+    )
+    assert run["parameters"]["job"] == {"parallelism": 4}
+
+    def finished() -> dict[str, Any] | None:
+        current = deployed.get(f"/flow_runs/{run['id']}")
+        return current if current["state"]["type"] in TERMINAL else None
+
+    final = wait_for(
+        finished,
+        timeout=RUN_TIMEOUT_S,
+        what=f"flow run {run['id']} to finish",
+        detail=deployed.diagnostics,
+        interval=1.0,
+    )
+    message = final["state"]["message"]
+    assert final["state"]["type"] == "FAILED", message
+    said = "job.command is missing: a parameter given at run time replaces the deployment's whole"
+    assert said in message, message
+    assert '"command": ["sh", "-c"' in message, message  # the deployment's, to start from
+    assert "Custom run" in message
+    assert "give exactly one of" not in message

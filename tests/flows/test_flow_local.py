@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -141,6 +142,49 @@ def test_poison_item_is_dead_lettered_while_the_rest_succeed(
     # x-delivery-limit=3 allows 3 redeliveries: 4 attempts, then the dead-letter queue.
     assert fig["attempts"] == 4
     assert "bad fig" in fig["error_tail"]
+
+
+def test_a_failed_job_puts_each_failed_pods_exit_code_and_log_tail_in_the_run_logs(
+    flow_env: dict[str, str], queue_name: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    command = ["sh", "-c", 'echo "cannot handle $(cat)" >&2; exit 4']
+    kwargs = local_kwargs(queue_name, items=["apple"], command=command, backoff_limit=0)
+    state = run_work_queue(**kwargs, return_state=True)
+    assert state.is_failed()
+    run_id = state.state_details.flow_run_id
+
+    def pod_lines() -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+            )
+        return [log.message for log in logs if " failed: exit code " in log.message]
+
+    # The run's logs reach the API in batches, every few seconds.
+    (line,) = wait_for(pod_lines, 30, "the failed pod's line in the run's logs")
+    assert "failed: exit code 1 (Error); the end of its log:" in line
+    assert "cannot handle apple" in line
+    assert "failed with exit code 4" in line  # the worker's own line, from the pod log
+
+
+def test_demo_ends_with_what_each_pod_printed(flow_env: dict[str, str], queue_name: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "demo", "--queue", queue_name],
+        env={**os.environ, **flow_env}, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = re.findall(r"^  (queuejob-\S+)  processed (\w+)$", proc.stdout, flags=re.MULTILINE)
+    assert sorted(item for _, item in shown) == sorted(DOCS_ITEMS), proc.stdout
+    assert len({pod for pod, _ in shown}) == len(DOCS_ITEMS)  # coarse mode: a pod per item
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # The Job was kept only to read its pods' logs.
+    state_dir = Path(flow_env["QUEUEJOB_STATE_DIR"])
+    jobs = [p for p in state_dir.rglob("*.json") if json.loads(p.read_text()).get("kind") == "Job"]
+    assert not jobs
 
 
 def test_crash_after_the_wait_then_retry_keeps_every_record(

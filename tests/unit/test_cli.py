@@ -1,15 +1,25 @@
-"""The `queuejob` command's argument handling and `render` (no broker, no Prefect run)."""
+"""The `queuejob` command's argument handling, help and `render` (no broker, no Prefect run).
+
+Bad input to `queuejob run` is refused in a child process, which must not even import Prefect:
+no temporary server, one line on stderr, exit status 2.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from flows.cli import main
+from flows.cli import _NoTraceback, main
 
 
 def test_render_prints_a_redacted_secret_and_the_job(capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,3 +151,178 @@ def test_rerun_of_a_report_without_parameters_says_so(
     (tmp_path / "r1" / "report.json").write_text(json.dumps({"run_id": "r1"}))
     assert main(["rerun", "r1"]) == 2
     assert "does not record its parameters" in capsys.readouterr().err
+
+
+# --- bad input is refused before Prefect starts ---------------------------------------------
+
+# Runs `queuejob` in a child and says whether Prefect was imported there, whatever way it ends.
+CHILD = """\
+import sys
+from flows.cli import main
+try:
+    rc = main(sys.argv[1:])
+finally:
+    print("prefect imported" if "prefect" in sys.modules else "prefect not imported")
+sys.exit(rc)
+"""
+BROKER_URL = "amqp://queuejob:s3cret-pw@127.0.0.1:5672/%2F"  # never dialled: all checks fail first
+
+
+def _latin1(tmp: Path) -> list[str]:
+    path = tmp / "latin1.txt"
+    path.write_bytes("apple\nbanana\ncr\xe8me br\xfbl\xe9e\n".encode("latin-1"))
+    return ["--file", str(path)]
+
+
+def _broken_jsonl(tmp: Path) -> list[str]:
+    path = tmp / "items.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b", \n{"id": "c"}\n')
+    return ["--jsonl", str(path)]
+
+
+def _empty_file(tmp: Path) -> list[str]:
+    path = tmp / "empty.txt"
+    path.write_text("\n\n")
+    return ["--file", str(path)]
+
+
+LOCAL = ["--backend", "local"]
+CMD = ["--", "sh", "-c", "cat"]
+# (id, argv after `run` from the temporary directory, environment changes, fragments of the line)
+BAD_RUNS: list[tuple[str, Callable[[Path], list[str]], dict[str, str | None], list[str]]] = [
+    ("file-missing", lambda t: ["--file", str(t / "nope.txt"), *LOCAL, *CMD], {},
+     ["cannot open item file", "nope.txt: No such file or directory", "check the path"]),
+    ("file-is-a-directory", lambda t: ["--file", str(t), *LOCAL, *CMD], {},
+     ["cannot open item file", "Is a directory"]),
+    ("file-not-utf8", lambda t: [*_latin1(t), *LOCAL, *CMD], {},
+     ["latin1.txt:3: not valid UTF-8", "re-encode the file as UTF-8"]),
+    ("jsonl-broken-line", lambda t: [*_broken_jsonl(t), *LOCAL, *CMD], {},
+     ["items.jsonl:2: malformed JSON", "each line must be one JSON object"]),
+    ("file-without-items", lambda t: [*_empty_file(t), *LOCAL, *CMD], {},
+     ["no items in text file", "give at least one item"]),
+    ("range-empty", lambda _t: ["--range", "5", "5", *LOCAL, *CMD], {},
+     ["no items in range(5, 5, 1)"]),
+    ("queue-name-spaces", lambda _t: ["a", "--queue", "my queue", *LOCAL, *CMD], {},
+     ["--queue: queue name 'my queue' contains ' '", "use only letters, digits"]),
+    ("queue-name-too-long", lambda _t: ["a", "--queue", "q" * 256, *LOCAL, *CMD], {},
+     ["--queue: queue name", "256 characters", "use at most 200"]),
+    ("no-command", lambda _t: ["a", *LOCAL], {},
+     ["give the per-item command after '--'", "or --call"]),
+    ("command-and-call", lambda _t: ["a", "--call", "m:f", *LOCAL, *CMD], {},
+     ["give either the per-item command after '--' or --call, not both"]),
+    ("call-malformed", lambda _t: ["a", "--call", "nofunction", *LOCAL], {},
+     ["call 'nofunction' must look like 'package.module:function'"]),
+    ("kubernetes-without-image", lambda _t: ["a", *CMD], {},
+     ["no image for the kubernetes backend", "--image", "--backend local"]),
+    ("image-invalid", lambda _t: ["a", "--image", "Registry.Example/My Image:latest!", *CMD], {},
+     ["--image: image 'Registry.Example/My Image:latest!' is not a valid image reference",
+      "[registry/]repository[:tag]"]),
+    ("namespace-invalid", lambda _t: ["a", "--namespace", "Batch_Jobs", *LOCAL, *CMD], {},
+     ["--namespace: 'Batch_Jobs' is not a valid DNS-1123 label"]),
+    ("idle-timeout-too-long", lambda _t: ["a", "--idle-timeout", "5000", *LOCAL, *CMD], {},
+     ["--idle-timeout: Input should be less than or equal to 3600 (got 5000.0)"]),
+    ("parallelism-0", lambda _t: ["a", "--parallelism", "0", *LOCAL, *CMD], {},
+     ["argument --parallelism: must be at least 1 (got 0)", "see `queuejob run --help`"]),
+    ("backoff-limit-negative", lambda _t: ["a", "--backoff-limit", "-1", *LOCAL, *CMD], {},
+     ["argument --backoff-limit: must be 0 or more (got -1)"]),
+    ("timeout-0", lambda _t: ["a", "--timeout", "0", *LOCAL, *CMD], {},
+     ["argument --timeout: must be a positive number of seconds"]),
+    ("no-broker", lambda _t: ["a", *LOCAL, *CMD], {"QUEUEJOB_BROKER_URL": None},
+     ["no broker: set QUEUEJOB_BROKER_URL=", "or pass --broker-block NAME"]),
+    ("broker-url-malformed", lambda _t: ["a", *LOCAL, *CMD],
+     {"QUEUEJOB_BROKER_URL": "amqp://queuejob:s3cret-pw@rabbit:port/%2F"},
+     ["broker URL", "is malformed", "amqp://user:password@host:5672/vhost"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "env_changes", "fragments"),
+    [pytest.param(argv, env, frags, id=case) for case, argv, env, frags in BAD_RUNS],
+)
+def test_bad_input_is_one_line_before_prefect_starts(
+    argv: Callable[[Path], list[str]],
+    env_changes: dict[str, str | None],
+    fragments: list[str],
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "prefect-home"  # importing Prefect creates it; a server writes its database
+    env = {**os.environ, "PREFECT_HOME": str(home), "QUEUEJOB_BROKER_URL": BROKER_URL}
+    env.pop("PREFECT_API_URL", None)
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, "run", *argv(tmp_path)],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "prefect not imported\n", proc.stdout
+    assert not home.exists(), "Prefect was started"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(("queuejob: ", "queuejob run: ")), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in: {lines[0]}"
+    for noise in ("Traceback", "validation error", "errors.pydantic.dev", "s3cret-pw"):
+        assert noise not in proc.stderr
+
+
+def test_render_errors_are_plain_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "--namespace", "Bad_NS", "--", "cat"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "queuejob: invalid job settings: --namespace: 'Bad_NS' is not a valid DNS-1123 label: "
+        "at most 63 lower-case letters, digits and '-', starting and ending with a letter or "
+        "digit\n"
+    )
+
+
+# --- help ---------------------------------------------------------------------------------
+
+
+def test_run_help_gives_every_option_one_line_with_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    options = re.findall(r"^  (--[a-z-]+)(.*)$", text, flags=re.MULTILINE)
+    assert len(options) >= 20
+    sources = {"--file", "--jsonl", "--range"}  # one of them (or inline items) is required
+    assert sources <= {name for name, _ in options}
+    for name, rest in options:
+        if name in sources:
+            continue
+        assert "(default: " in rest, f"{name} has no default on its line: {rest!r}"
+    # Nothing wraps onto a continuation line.
+    assert not re.search(r"^ {20,}\S", text, flags=re.MULTILINE), text
+    assert "--parallelism N" in text and "(default: 2, or the template's)" in text
+    assert "(default: auto)" in text and "(default: 3600)" in text
+    examples = text.split("examples:", 1)[1]
+    assert len(re.findall(r"^  queuejob run ", examples, flags=re.MULTILINE)) == 3
+
+
+# --- quiet output -------------------------------------------------------------------------
+
+
+def test_console_formatter_drops_tracebacks_and_keeps_the_record_whole() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception: %r",
+            (ValueError("boom"),), sys.exc_info(),
+        )  # fmt: skip
+    formatter = _NoTraceback(logging.Formatter("%(levelname)s %(message)s"))
+    assert formatter.format(record) == "ERROR Encountered exception: ValueError('boom')"
+    # Other handlers (the Prefect API's) still get the traceback.
+    assert record.exc_info is not None
+    assert "Traceback" in logging.Formatter().format(record)
+    embedded = logging.LogRecord(
+        "prefect", logging.ERROR, __file__, 1, "failed\nTraceback (most recent call last):\n  x",
+        None, None,
+    )  # fmt: skip
+    assert formatter.format(embedded) == "ERROR failed"
