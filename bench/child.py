@@ -299,10 +299,10 @@ def cmd_results_absorb(ns: argparse.Namespace) -> int:
     import pika
 
     from flows.adapters import broker as broker_io
-    from flows.adapters.ledger_storage import open_storage
     from flows.adapters.ledger_store import RunLedger
     from flows.core.ledger import SUCCEEDED, OutcomeRecord
     from flows.monitor import RunMonitor
+    from flows.storage import open_storage
 
     cfg = broker_io.BrokerConfig(url=os.environ["QUEUEJOB_BROKER_URL"])
     qs = broker_io.QueueSettings(name=ns.queue)

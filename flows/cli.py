@@ -281,15 +281,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--delete-queues",
         action="store_true",
-        help="delete the run's queues after success; one still holding items is kept "
-        "(default: keep them)",
+        help="delete the run's queues after success, if empty (default: no)",
     )
     c.add_argument(
         "--ledger-storage",
         default=None,
         metavar="BLOCK",
-        help="LocalFileSystem or RemoteFileSystem block keeping the ledger (default: "
-        "QUEUEJOB_LEDGER_DIR, else ~/.cache/queuejob/ledgers)",
+        help="filesystem block keeping the ledger (default: QUEUEJOB_LEDGER_DIR)",
     )
     _add_debug_option(p)
 
@@ -768,8 +766,8 @@ def cmd_rerun(args: argparse.Namespace, command: list[str]) -> int:
         )
         return 2
     try:
-        from flows.adapters.ledger_storage import open_storage
         from flows.core.rerun import parse_fates, rerun_params
+        from flows.storage import open_storage
 
         fates = parse_fates(args.fate)
         # The earlier run's report: an unknown run or a missing ledger stops here, before
@@ -893,9 +891,9 @@ def _ledger_details(letters: list[Any], ledger_storage: str | None) -> dict[tupl
     """(run id, item id) -> (attempts, exit code, error tail) from the runs' ledgers, for the
     dead letters listed; runs without a stored ledger are skipped. For a quorum queue's dead
     letter without a ledger row, attempts come from the run's delivery limit."""
-    from flows.adapters.ledger_storage import open_storage
     from flows.core.dead_letters import attempts_from
     from flows.core.errors import QueueJobError
+    from flows.storage import open_storage
 
     wanted: dict[str, set[str]] = {}
     for letter in letters:
@@ -977,8 +975,9 @@ def _cell(value: Any, width: int) -> str:
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     """Print a finished run's summary and its ledger rows, streamed from the storage."""
-    from flows.adapters.ledger_storage import normalize_fates, open_storage
+    from flows.adapters.ledger_storage import normalize_fates
     from flows.core.errors import QueueJobError
+    from flows.storage import open_storage
 
     try:
         fates = normalize_fates(args.fate) if args.fate else None

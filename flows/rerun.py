@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-from flows.adapters.ledger_storage import open_storage
 from flows.core.items import ItemSource
 from flows.core.rerun import parse_fates, rerun_params
 from flows.params import CleanupParams, JobParams, QueueParams
+from flows.storage import open_storage
 from flows.work_queue import run_work_queue
 
 Fate = Literal["succeeded", "failed", "dead_lettered", "left"]

@@ -130,8 +130,8 @@ def source_items(source: ItemSource) -> Iterator[Item]:
     (`LedgerNotFound` names the run and the location when it has none)."""
     if source.kind != "ledger":
         return iter_items(source)
-    from flows.adapters.ledger_storage import open_storage
     from flows.core.rerun import fate_statuses
+    from flows.storage import open_storage
 
     assert source.run_id is not None  # the model requires it for kind 'ledger'
     storage = open_storage(source.ledger_storage)
@@ -240,7 +240,7 @@ def delete_queues(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> d
 def check_ledger_storage(block_name: str | None, run_id: str) -> str:
     """Open the ledger storage (a LocalFileSystem / RemoteFileSystem block, or the default
     directory) and check that the run's ledger can be written there; return its location."""
-    from flows.adapters.ledger_storage import open_storage
+    from flows.storage import open_storage
 
     storage = open_storage(block_name)
     storage.check_writable(run_id)

@@ -36,7 +36,7 @@ from prefect.utilities.annotations import quote
 
 from flows import tasks
 from flows.adapters import broker as broker_io
-from flows.adapters.ledger_storage import LedgerStorage, open_storage
+from flows.adapters.ledger_storage import LedgerStorage
 from flows.adapters.ledger_store import RunLedger
 from flows.core import caveats
 from flows.core.backend import JobHandle
@@ -54,6 +54,7 @@ from flows.core.manifest import (
 )
 from flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
 from flows.params import CleanupParams, JobParams, QueueParams, default_items, job_spec_for_run
+from flows.storage import open_storage
 
 TABLE_ROW_CAP = 500
 POD_FAILURES_SHOWN = 20  # failed pods whose log tail goes to the run's logs and the report

@@ -89,9 +89,10 @@ def rerun_params(
 
     An override of ``queue``, ``job`` or ``cleanup`` is a mapping of fields replacing the
     earlier ones one by one; any other override replaces the value. Messages already in the
-    work queue are purged (``queue.stale_messages = purge``) unless an override says otherwise:
-    what the earlier run left there (items never taken, or failed and put back) is rerun from
-    the ledger and would otherwise be processed twice.
+    work queue are purged (``queue.stale_messages = purge``) when the fates include both
+    ``failed`` and ``left``, unless an override says otherwise: what the earlier run left there
+    (items never taken, or failed and put back) is rerun from the ledger and would otherwise be
+    processed twice. With fewer fates nothing is purged, as those messages are not rerun.
 
     Raises `InvalidInput` when ``params`` is missing (a report written before reruns existed)
     or an override names no flow parameter.
@@ -113,9 +114,14 @@ def rerun_params(
         items["max_item_bytes"] = earlier_items["max_item_bytes"]
     out["items"] = items
     out["ledger_storage"] = ledger_storage
-    queue = dict(out.get("queue") or {})
-    queue["stale_messages"] = "purge"
-    out["queue"] = queue
+    if {"failed", "left"} <= set(fates):
+        # Everything the earlier run can have left in its work queue (items never taken, items
+        # failed and put back) is in this rerun's items: purge it rather than run it twice.
+        # With fewer fates those messages are not rerun, so they must not be purged: the
+        # earlier run's stale-message policy stands.
+        queue = dict(out.get("queue") or {})
+        queue["stale_messages"] = "purge"
+        out["queue"] = queue
     for key, value in (overrides or {}).items():
         if key not in FLOW_PARAMS or key == "items":
             raise InvalidInput(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.adapters.ledger_storage import open_storage
 from flows.cli import main
+from flows.storage import open_storage
 
 RUN = "0f0e0d0c-0000-4000-8000-000000000001"
 FATES = ["succeeded", "failed", "dead_lettered", "left_in_queue"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from flows.adapters.ledger_storage import LedgerStorage, open_storage
+from flows.adapters.ledger_storage import LedgerStorage
 from flows.core.errors import InvalidInput, LedgerNotFound, LedgerStorageError
+from flows.storage import open_storage
 
 
 @pytest.fixture(params=["local", "memory"])

@@ -23,7 +23,7 @@ from flows.core.manifest import SECRET_KEY, JobSpec, build_job, build_secret, se
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deployments" / "k8s"
 EXAMPLE = K8S / "worker-job-example.yaml"
-KUBE_ADAPTER = ROOT / "flows" / "adapters" / "kube.py"
+KUBE_ADAPTER = ROOT / "flows" / "adapters" / "kube"
 
 # --- the example Job: generated, and checked to stay what the builder makes --------------------
 
@@ -243,7 +243,7 @@ def f(self, w):
 
 
 def test_role_grants_exactly_what_the_kubernetes_backend_calls() -> None:
-    needed, cluster = _api_calls(KUBE_ADAPTER.read_text())
+    needed, cluster = _api_calls("".join(p.read_text() for p in sorted(KUBE_ADAPTER.glob("*.py"))))
     assert needed, "no API calls found: the scanner no longer matches the backend's code"
     grants = _role_grants()
     assert grants == needed, (

@@ -122,8 +122,12 @@ def test_rerun_takes_the_earlier_settings_and_its_ledger_as_items() -> None:
     assert params["ledger_storage"] == "lstore"
     for key in ("job", "mode", "backend", "broker_block", "caveat_policy", "timeout_seconds"):
         assert params[key] == EARLIER[key], key
-    # The earlier run's leftovers in its queue are rerun from the ledger: purge, not twice.
-    assert params["queue"] == {**EARLIER["queue"], "stale_messages": "purge"}
+    # Only the failed items are rerun: what the earlier run left in its queue is not, so it is
+    # not purged either (the earlier policy stands).
+    assert params["queue"] == EARLIER["queue"]
+    # With failed and left both rerun from the ledger, the leftovers are purged, not run twice.
+    every = rerun_params(EARLIER, run_id="r1", fates=DEFAULT_FATES, ledger_storage="lstore")
+    assert every["queue"] == {**EARLIER["queue"], "stale_messages": "purge"}
     assert EARLIER["queue"]["stale_messages"] == "fail"  # the input is not changed
 
 
