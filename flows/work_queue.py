@@ -374,11 +374,6 @@ def run_work_queue(
     n_items = tasks.validate_items(items)
     logger.info("%d items from %s; broker %s", n_items, items.describe(), cfg.redacted())
     max_unacked = _max_unacked()
-    # Where the ledger goes, checked for writing before anything happens (fail early rather
-    # than after the Job has done the work).
-    ledger_location = tasks.check_ledger_storage(ledger_storage, run_id)
-    storage = open_storage(ledger_storage)
-    logger.info("ledger storage: %s", ledger_location)
     params = {
         "items": items.model_dump(mode="json"),
         "queue": queue.model_dump(mode="json"),
@@ -396,6 +391,11 @@ def run_work_queue(
     # A namespace that does not exist would only show when the Job is created, after the queue
     # was filled: check it while nothing has happened yet.
     tasks.check_namespace(choice, spec.namespace)
+    # Where the ledger goes, checked for writing before anything happens (fail early rather
+    # than after the Job has done the work). The probe file it writes is removed again.
+    ledger_location = tasks.check_ledger_storage(ledger_storage, run_id)
+    storage = open_storage(ledger_storage)
+    logger.info("ledger storage: %s", ledger_location)
 
     findings: list[caveats.Finding] = []
     tasks.wait_for_broker(cfg, broker_wait_seconds)

@@ -111,6 +111,9 @@ class LedgerStorage:
         try:
             self._write_bytes(probe, b"queuejob ledger storage probe\n")
             self.fs.rm(probe)
+            if self.local:  # leave no empty run directory behind a run rejected later
+                with contextlib.suppress(OSError):
+                    Path(_strip_file_scheme(self.location(run_id))).rmdir()
         except Exception as exc:
             raise LedgerStorageError(
                 f"cannot write the ledger to {self.location(run_id)} ({self.source}): "

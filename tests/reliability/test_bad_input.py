@@ -31,7 +31,8 @@ from tests.reliability.support import DOCS_ITEMS, Witness, queue_exists, record
 pytestmark = [pytest.mark.reliability, pytest.mark.broker, pytest.mark.prefect]
 
 # Tasks that do nothing outside the flow's process: everything else is a side effect.
-HARMLESS_TASKS = {"validate-items", "check-namespace"}
+# Checks that leave nothing behind (the ledger storage's probe file is removed again).
+HARMLESS_TASKS = {"validate-items", "check-namespace", "check-ledger-storage"}
 
 
 def params(queue_name: str, **over: Any) -> dict[str, Any]:
