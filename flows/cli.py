@@ -634,7 +634,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _show_pod_logs(report: dict[str, Any]) -> None:
     """What each pod printed, as `kubectl logs` shows it in the docs; then delete the Job."""
-    from flows.adapters.local_jobs import LocalBackend
+    from flows.adapters.local import LocalBackend
 
     backend = LocalBackend()
     handle = backend.find_job(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.adapters.local_jobs import LocalBackend
+from flows.adapters.local import LocalBackend
 from flows.core.items import ItemSource
 from flows.params import CleanupParams, JobParams, QueueParams
 from flows.work_queue import run_work_queue
