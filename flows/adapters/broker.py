@@ -921,7 +921,7 @@ def fill_queue(
     if not 1 <= window <= 100_000:
         raise InvalidInput(f"window must be between 1 and 100000 (got {window})")
     with _session(cfg) as conn:
-        _take_fill_lock(conn, cfg, qs)
+        take_fill_lock(conn, cfg, qs)
         marker = _read_marker(conn, cfg, qs)
         if marker is not None and marker.run_id == run_id and marker.done:
             log.info(
@@ -982,15 +982,17 @@ def _check_filled(
     )
 
 
-def _take_fill_lock(conn: Any, cfg: BrokerConfig, qs: QueueSettings) -> None:
+def take_fill_lock(conn: Any, cfg: BrokerConfig, qs: QueueSettings) -> None:
+    """Hold the queue's publisher lock on ``conn`` (an exclusive queue, gone with the
+    connection): one fill or dead-letter requeue publishes into a work queue at a time."""
     ch = conn.channel()
     try:
         ch.queue_declare(qs.lock_name, exclusive=True, auto_delete=True)
     except pex.ChannelClosedByBroker as exc:
         if exc.reply_code == 405:  # RESOURCE_LOCKED: another connection holds it
             raise FillInProgress(
-                f"another fill of queue {qs.name!r} on {cfg.describe()} is still running (it "
-                f"holds {qs.lock_name!r}); retry after it has finished or been stopped"
+                f"a fill or a dead-letter requeue of queue {qs.name!r} on {cfg.describe()} is "
+                f"running (it holds {qs.lock_name!r}); retry once it has finished or been stopped"
             ) from None
         raise _channel_error(exc, cfg, qs.lock_name) from None
 

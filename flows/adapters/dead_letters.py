@@ -48,6 +48,7 @@ from flows.adapters.broker import (
     _not_found,
     _passive,
     _session,
+    take_fill_lock,
 )
 from flows.core.dead_letters import (
     HEADER_REQUEUES,
@@ -55,7 +56,7 @@ from flows.core.dead_letters import (
     attempts_from,
     item_id_of,
 )
-from flows.core.errors import FillInProgress, PublishError
+from flows.core.errors import PublishError
 
 # Header of a record in <queue>.requeued: the token of the dead letter it stands for.
 HEADER_TOKEN = "queuejob-requeue-token"
@@ -144,7 +145,7 @@ def requeue_dead_letters(
     record_queue = qs.requeued_name
     requeued = already = 0
     with _session(cfg) as conn:
-        _take_lock(conn, cfg, qs)
+        take_fill_lock(conn, cfg, qs)
         _passive(conn, cfg, qs.name)  # QueueNotFound: nowhere to put them back
         total = int(_passive(conn, cfg, qs.dead_name).message_count)
         aux = conn.channel()
@@ -197,19 +198,6 @@ def requeue_dead_letters(
             purge.queue_purge(record_queue)
             purge.close()
     return RequeueResult(requeued=requeued, already_requeued=already, remaining=remaining)
-
-
-def _take_lock(conn: Any, cfg: BrokerConfig, qs: QueueSettings) -> None:
-    ch = conn.channel()
-    try:
-        ch.queue_declare(qs.lock_name, exclusive=True, auto_delete=True)
-    except pex.ChannelClosedByBroker as exc:
-        if exc.reply_code == 405:  # RESOURCE_LOCKED: another connection holds it
-            raise FillInProgress(
-                f"a fill or a dead-letter requeue of queue {qs.name!r} on {cfg.describe()} is "
-                f"running (it holds {qs.lock_name!r}); retry once it has finished"
-            ) from None
-        raise _channel_error(exc, cfg, qs.lock_name) from None
 
 
 def _read_records(ch: Any, cfg: BrokerConfig, queue: str) -> dict[str, list[int]]:
