@@ -162,21 +162,25 @@ class RunMonitor:
         self, *, quiet_s: float = 1.0, cap_s: float = 10.0, broker_wait_s: float = 120.0
     ) -> None:
         """After the Job ended: take records until every item is accounted for, or none came
-        for `quiet_s` (capped at `cap_s`). A broker that is away (restarting) is waited for up
-        to `broker_wait_s`, as during the wait: the records are in its queue, and the cap
+        for `quiet_s` while the results queue holds none ready (a backlog is drained however
+        long it is: the pods may have outpaced the flow). `cap_s` bounds a wait with no new
+        record at all. A broker that is away (restarting) is waited for up to
+        `broker_wait_s`, as during the wait: the records are in its queue, and the cap
         counts from when it answers again."""
         deadline = time.monotonic() + cap_s
         last_new = time.monotonic()
         broker_deadline = time.monotonic() + broker_wait_s
+        backlog = 0
         while time.monotonic() < deadline:
             try:
                 if self.drain(max_wait_s=0.2):
                     last_new = time.monotonic()
+                    deadline = last_new + cap_s
                 if self._succeeded() + self.dead_delta >= self.ledger.expected:
                     return
-                if time.monotonic() - last_new >= quiet_s:
+                if time.monotonic() - last_new >= quiet_s and not backlog:
                     return
-                self._refresh_depth()
+                backlog = self._refresh_depth()
             except (BrokerUnavailable, LedgerStorageError) as exc:
                 if time.monotonic() >= broker_deadline:
                     raise
@@ -188,12 +192,14 @@ class RunMonitor:
     def _succeeded(self) -> int:
         return self.ledger.succeeded
 
-    def _refresh_depth(self) -> None:
+    def _refresh_depth(self) -> int:
+        """Read the queues' depths; return the records ready in the results queue."""
         depths = broker_io.queue_depths(self.cfg, self.qs)
         self.last_ready = depths["work"].ready
         if self._dead_baseline is None:
             self._dead_baseline = depths["dead"].ready
         self.dead_delta = max(0, depths["dead"].ready - self._dead_baseline)
+        return depths["results"].ready
 
     def _lost_broker(self, exc: BrokerUnavailable | LedgerStorageError) -> None:
         if self._broker_lost_at is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
+import fsspec
 import pika
 import pytest
 
@@ -15,7 +18,11 @@ from flows.adapters.broker import (
     declare_queues,
     purge_results,
 )
+from flows.adapters.ledger_storage import LedgerStorage
+from flows.adapters.ledger_store import RunLedger
+from flows.core.items import Item
 from flows.core.ledger import FAILED, SUCCEEDED, Ledger, OutcomeRecord
+from flows.monitor import RunMonitor
 
 from .support import ready_count
 
@@ -175,3 +182,34 @@ def _batches(consumer: ResultsConsumer, count: int, timeout_s: float = 10.0) -> 
         if batch.messages:
             batches.append(batch)
     return batches
+
+
+def test_after_the_job_a_backlog_of_records_is_drained_whole(
+    cfg: BrokerConfig, qs: QueueSettings, broker_url: str, tmp_path: Path
+) -> None:
+    """Fast pods can end the Job with many records still queued for the flow. The drain after
+    the Job takes them all, however long that takes, before the ledger is final (records left
+    in the queue would be counted as items lost, then purged with the results)."""
+    declare_queues(cfg, qs)
+    n = 3000
+    records = [
+        OutcomeRecord(run_id="run-1", status=SUCCEEDED, item_id=f"i{i}", index=i) for i in range(n)
+    ]
+    _publish(broker_url, qs.results_name, [r.to_json() for r in records])
+    storage = LedgerStorage(fsspec.filesystem("file"), str(tmp_path / "st"), local=True, source="t")
+    with RunLedger.open(storage, "run-1", expected=n, work_dir=tmp_path / "w") as ledger:
+        ledger.load_items(Item(id=f"i{i}", index=i, body=b"x") for i in range(n))
+        monitor = RunMonitor(
+            cfg=cfg,
+            qs=qs,
+            ledger=ledger,
+            mode="fine",
+            idle_timeout_s=1.0,
+            logger=logging.getLogger("test"),
+            max_unacked=2,  # 3000 batches of one, each checkpointed before its ack
+        )
+        with monitor:
+            # A cap far shorter than the backlog takes: only a wait with no record ends it.
+            monitor.drain_until_quiet(quiet_s=0.2, cap_s=0.3)
+        assert ledger.succeeded == n
+    assert ready_count(broker_url, qs.results_name) == 0
