@@ -47,7 +47,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pika
 import pika.exceptions as pex
@@ -72,6 +72,7 @@ if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) ou
     from flows.core.items import Item
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Message headers set by the fill and read by the worker.
 HEADER_RUN_ID = "queuejob-run-id"
@@ -1465,29 +1466,19 @@ class ResultsConsumer:
     def drain(self, *, max_wait_s: float = 0.5, max_records: int = 10_000) -> list[OutcomeRecord]:
         """This run's records that arrived so far: waits up to ``max_wait_s`` for the first
         one, then takes what is already there, up to ``max_records``."""
-        try:
-            return self._drain(max_wait_s, max_records)
-        except (pex.AMQPConnectionError, pex.StreamLostError, pex.AMQPChannelError) as first:
-            log.warning(
-                "results consumer lost its connection (%s); reconnecting", _cause(first, self.cfg)
-            )
-            self.close()
-            try:
-                self._open()
-                return self._drain(max_wait_s, max_records)
-            except (pex.AMQPConnectionError, pex.StreamLostError, pex.AMQPChannelError) as exc:
-                self.close()
-                raise BrokerUnavailable(
-                    f"lost the connection to {self.cfg.describe()} while reading outcome records "
-                    f"from {self.qs.results_name!r}: {_cause(exc, self.cfg)}; retry later"
-                ) from None
+        return self._reconnecting(lambda: self._drain(max_wait_s, max_records))
 
     def take(self, *, max_wait_s: float = 0.5, max_records: int = 5_000) -> ResultBatch:
         """Up to ``max_records`` deliveries that arrived so far (waiting up to ``max_wait_s``
         for the first one), parsed; this run's records in the batch. Acknowledge the batch with
         `ack` once its records are saved."""
+        return self._reconnecting(lambda: self._take(max_wait_s, max_records))
+
+    def _reconnecting(self, step: Callable[[], T]) -> T:
+        """``step()``; after a lost connection, once more on a new one (the broker delivers the
+        unacknowledged records again), then `BrokerUnavailable`."""
         try:
-            return self._take(max_wait_s, max_records)
+            return step()
         except (pex.AMQPConnectionError, pex.StreamLostError, pex.AMQPChannelError) as first:
             log.warning(
                 "results consumer lost its connection (%s); reconnecting", _cause(first, self.cfg)
@@ -1495,7 +1486,7 @@ class ResultsConsumer:
             self.close()
             try:
                 self._open()
-                return self._take(max_wait_s, max_records)
+                return step()
             except (pex.AMQPConnectionError, pex.StreamLostError, pex.AMQPChannelError) as exc:
                 self.close()
                 raise BrokerUnavailable(
