@@ -852,8 +852,8 @@ def _short(run_id: str | None) -> str:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from flows.adapters import dead_letters as dl
     from flows.adapters.broker import QueueSettings
+    from flows.adapters.broker import dead_letters as dl
     from flows.core.dead_letters import plural
     from flows.core.errors import QueueJobError
 

@@ -104,9 +104,9 @@ from flows.adapters.broker import (
     RECORD_CONTENT_TYPE,
     BrokerConfig,
     QueueSettings,
-    _coalesce_pending_frames,
     connect,
 )
+from flows.adapters.broker.frames import coalesce_pending_frames
 from flows.core.errors import BrokerAuthError, BrokerUnavailable, QueueJobError
 from flows.core.ledger import FAILED, INTERRUPTED, NO_WORK, SUCCEEDED, OutcomeRecord
 
@@ -648,7 +648,7 @@ class _Worker:
     def _io(self, time_limit: float) -> None:
         """Send what is buffered and take what arrived (callbacks run), for up to ``time_limit``."""
         # pika writes each frame with its own send(), three per record: join them first.
-        _coalesce_pending_frames(self.conn._impl)
+        coalesce_pending_frames(self.conn._impl)
         self.conn.process_data_events(time_limit=time_limit)
 
     def _publish(self, routing_key: str, body: bytes, props: Any) -> int:
@@ -673,7 +673,7 @@ class _Worker:
         back to the queue with its delivery count raised, though no one started it."""
         if self.failed and self.consumer_tag is not None:
             return
-        _coalesce_pending_frames(self.conn._impl)  # an ack sends the records buffered before it
+        coalesce_pending_frames(self.conn._impl)  # an ack sends the records buffered before it
         while self.confirms:
             tag, multiple, ok = self.confirms.popleft()
             done = [tag]

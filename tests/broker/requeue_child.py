@@ -11,7 +11,7 @@ import signal
 import sys
 
 from flows.adapters.broker import BrokerConfig, QueueSettings
-from flows.adapters.dead_letters import requeue_dead_letters
+from flows.adapters.broker.dead_letters import requeue_dead_letters
 
 
 def main() -> None:

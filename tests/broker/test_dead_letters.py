@@ -30,7 +30,7 @@ from flows.adapters.broker import (
     fill_queue,
     queue_depths,
 )
-from flows.adapters.dead_letters import (
+from flows.adapters.broker.dead_letters import (
     HEADER_TOKEN,
     list_dead_letters,
     requeue_dead_letters,

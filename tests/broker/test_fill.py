@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from flows.adapters import broker as broker_adapter
 from flows.adapters.broker import (
     HEADER_INDEX,
     HEADER_RUN_ID,
@@ -25,6 +24,7 @@ from flows.adapters.broker import (
     read_fill_marker,
     work_queue_arguments,
 )
+from flows.adapters.broker import fill as broker_adapter
 from flows.core.errors import (
     BrokerUnavailable,
     FillInProgress,

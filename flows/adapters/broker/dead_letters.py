@@ -1,4 +1,5 @@
-"""Dead letters on the broker: list ``<queue>.dead``, and move its messages back to the queue.
+"""Dead letters on the broker: list ``<queue>.dead`` (`dead_letter_ids`, `list_dead_letters`), and
+move its messages back to the queue (`requeue_dead_letters`).
 
 Listing reads without consuming: the messages are fetched unacknowledged and go back to their
 places when the channel closes (``<queue>.dead`` is a classic queue, which counts no
@@ -27,6 +28,7 @@ closes), the lock a fill takes: one publisher into the work queue at a time.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +36,8 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from flows.adapters.broker import (
-    _AUX_ARGUMENTS,
+from flows.adapters.broker.config import (
+    AUX_ARGUMENTS,
     HEADER_FAILURES,
     HEADER_INDEX,
     HEADER_RUN_ID,
@@ -43,13 +45,9 @@ from flows.adapters.broker import (
     PERSISTENT,
     BrokerConfig,
     QueueSettings,
-    _channel_error,
-    _header_str,
-    _not_found,
-    _passive,
-    _session,
-    take_fill_lock,
 )
+from flows.adapters.broker.connection import channel_error, not_found, passive, session
+from flows.adapters.broker.fill import take_fill_lock
 from flows.core.dead_letters import (
     HEADER_REQUEUES,
     DeadLetter,
@@ -62,6 +60,46 @@ from flows.core.errors import PublishError
 HEADER_TOKEN = "queuejob-requeue-token"
 
 
+def dead_letter_ids(
+    cfg: BrokerConfig, qs: QueueSettings, *, run_id: str, limit: int = 100_000
+) -> list[str]:
+    """Item ids (message ids) of this run's messages in ``<name>.dead``, oldest first, at most
+    ``limit``. Read without consuming: every message stays in the queue."""
+    with session(cfg) as conn:
+        total = int(passive(conn, cfg, qs.dead_name).message_count)
+        if total == 0 or limit <= 0:
+            return []
+        ch = conn.channel()
+        # Every message we read stays unacked until the channel closes; an unbounded prefetch
+        # (0) when there are more than the 16-bit maximum.
+        ch.basic_qos(prefetch_count=total if total <= 65535 else 0)
+        ids: list[str] = []
+        seen_ids: set[str] = set()
+        deadline = time.monotonic() + max(10.0, cfg.connect_timeout_s)
+        deliveries = ch.consume(
+            qs.dead_name, auto_ack=False, inactivity_timeout=min(2.0, cfg.connect_timeout_s)
+        )
+        for seen, (method, props, _body) in enumerate(deliveries, start=1):
+            if method is None:  # nothing more arrived within the inactivity timeout
+                break
+            headers = props.headers or {}
+            mid = props.message_id
+            if header_str(headers.get(HEADER_RUN_ID)) == run_id and mid and mid not in seen_ids:
+                seen_ids.add(mid)
+                ids.append(mid)
+            if seen >= total or len(ids) >= limit or time.monotonic() > deadline:
+                break
+        # Closing the channel hands every message back to the queue, in its place.
+        ch.close()
+        return ids
+
+
+def header_str(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
 def read_dead_letter(message_id: str | None, headers: dict[str, Any], body: bytes) -> DeadLetter:
     """A `DeadLetter` from a message's id, headers and body."""
     index = headers.get(HEADER_INDEX)
@@ -69,11 +107,11 @@ def read_dead_letter(message_id: str | None, headers: dict[str, Any], body: byte
     requeues = headers.get(HEADER_REQUEUES)
     return DeadLetter(
         item_id=item_id_of(message_id, body),
-        run_id=_header_str(headers.get(HEADER_RUN_ID)),
+        run_id=header_str(headers.get(HEADER_RUN_ID)),
         index=index if isinstance(index, int) and not isinstance(index, bool) else None,
-        reason=_header_str(headers.get("x-first-death-reason")),
+        reason=header_str(headers.get("x-first-death-reason")),
         attempts=attempts_from(
-            reason=_header_str(headers.get("x-first-death-reason")),
+            reason=header_str(headers.get("x-first-death-reason")),
             failures=failures if isinstance(failures, int) and failures > 0 else 0,
             delivery_limit=None,
         ),
@@ -95,8 +133,8 @@ def list_dead_letters(cfg: BrokerConfig, qs: QueueSettings, *, limit: int) -> De
 
     Raises `QueueNotFound` when the dead-letter queue does not exist.
     """
-    with _session(cfg) as conn:
-        total = int(_passive(conn, cfg, qs.dead_name).message_count)
+    with session(cfg) as conn:
+        total = int(passive(conn, cfg, qs.dead_name).message_count)
         letters: list[DeadLetter] = []
         ch = conn.channel()
         try:
@@ -106,7 +144,7 @@ def list_dead_letters(cfg: BrokerConfig, qs: QueueSettings, *, limit: int) -> De
                     break
                 letters.append(read_dead_letter(props.message_id, dict(props.headers or {}), body))
         except pex.ChannelClosedByBroker as exc:
-            raise _channel_error(exc, cfg, qs.dead_name) from None
+            raise channel_error(exc, cfg, qs.dead_name) from None
         # Closing the channel hands every message back to the queue, in its place.
         with contextlib.suppress(Exception):
             ch.close()
@@ -144,15 +182,15 @@ def requeue_dead_letters(
     """
     record_queue = qs.requeued_name
     requeued = already = 0
-    with _session(cfg) as conn:
+    with session(cfg) as conn:
         take_fill_lock(conn, cfg, qs)
-        _passive(conn, cfg, qs.name)  # QueueNotFound: nowhere to put them back
-        total = int(_passive(conn, cfg, qs.dead_name).message_count)
+        passive(conn, cfg, qs.name)  # QueueNotFound: nowhere to put them back
+        total = int(passive(conn, cfg, qs.dead_name).message_count)
         aux = conn.channel()
         try:
-            aux.queue_declare(record_queue, durable=True, arguments=_AUX_ARGUMENTS)
+            aux.queue_declare(record_queue, durable=True, arguments=AUX_ARGUMENTS)
         except pex.ChannelClosedByBroker as exc:
-            raise _channel_error(exc, cfg, record_queue) from None
+            raise channel_error(exc, cfg, record_queue) from None
         aux.close()
 
         # The records of earlier requeues, held unacked on their own channel until the end.
@@ -185,13 +223,13 @@ def requeue_dead_letters(
                 if on_requeued is not None:
                     on_requeued(letter, published)
         except pex.ChannelClosedByBroker as exc:
-            raise _channel_error(exc, cfg, qs.dead_name) from None
+            raise channel_error(exc, cfg, qs.dead_name) from None
 
         # The records whose dead letter is gone have served: this run's, and earlier ones'.
         _ack_records(records, cfg, record_queue, recorded, done_tokens)
         with contextlib.suppress(Exception):
             records.close()  # records of dead letters still queued go back, unacked
-        remaining = int(_passive(conn, cfg, qs.dead_name).message_count)
+        remaining = int(passive(conn, cfg, qs.dead_name).message_count)
         if remaining == 0:
             # No dead letter left to guard: drop records a killed requeue could not remove.
             purge = conn.channel()
@@ -208,10 +246,10 @@ def _read_records(ch: Any, cfg: BrokerConfig, queue: str) -> dict[str, list[int]
             method, props, _body = ch.basic_get(queue, auto_ack=False)
             if method is None:
                 return out
-            token = _header_str((props.headers or {}).get(HEADER_TOKEN)) or ""
+            token = header_str((props.headers or {}).get(HEADER_TOKEN)) or ""
             out.setdefault(token, []).append(method.delivery_tag)
     except pex.ChannelClosedByBroker as exc:
-        raise _channel_error(exc, cfg, queue) from None
+        raise channel_error(exc, cfg, queue) from None
 
 
 def _ack_records(
@@ -231,11 +269,11 @@ def _ack_records(
             method, props, _body = ch.basic_get(queue, auto_ack=False)
             if method is None:
                 return
-            token = _header_str((props.headers or {}).get(HEADER_TOKEN)) or ""
+            token = header_str((props.headers or {}).get(HEADER_TOKEN)) or ""
             if token in done or not token:
                 ch.basic_ack(method.delivery_tag)
     except pex.ChannelClosedByBroker as exc:
-        raise _channel_error(exc, cfg, queue) from None
+        raise channel_error(exc, cfg, queue) from None
 
 
 def _publish_back(
@@ -264,14 +302,14 @@ def _publish_back(
     try:
         ch.basic_publish("", qs.name, body, out, mandatory=True)
     except pex.UnroutableError:
-        raise _not_found(cfg, qs.name) from None
+        raise not_found(cfg, qs.name) from None
     except pex.NackError:
         raise PublishError(
             f"the broker at {cfg.describe()} nacked the requeue of item {letter.item_id!r} "
             f"into queue {qs.name!r}; run the requeue again (it skips what is already back)"
         ) from None
     except pex.ChannelClosedByBroker as exc:
-        raise _channel_error(exc, cfg, qs.name) from None
+        raise channel_error(exc, cfg, qs.name) from None
 
 
 __all__ = [

@@ -1,0 +1,288 @@
+"""Connecting to the broker: `connect`, `wait_for_broker` (retries with back-off), a short-lived
+`session`, passive declares, and pika's exceptions translated into `flows.core.errors` with
+the password scrubbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pika
+import pika.exceptions as pex
+
+from flows.core.errors import (
+    BrokerAuthError,
+    BrokerUnavailable,
+    QueueJobError,
+    QueueNotFound,
+)
+
+if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) out of its start-up
+    pass
+from flows.adapters.broker.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def cause(exc: BaseException, cfg: BrokerConfig) -> str:
+    """A one-line description of a pika/socket exception, without the password."""
+    inner: BaseException = exc
+    # pika wraps the real cause: AMQPConnectionError(AMQPConnectorSocketConnectError(...)).
+    for _ in range(4):
+        args = getattr(inner, "args", ())
+        nested = next((a for a in args if isinstance(a, BaseException)), None)
+        if nested is None:
+            nested = getattr(inner, "exception", None)  # AMQPConnectorAMQPHandshakeError
+        if not isinstance(nested, BaseException):
+            break
+        inner = nested
+    text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+    return cfg.scrub(text)[:500]
+
+
+def connection_params(cfg: BrokerConfig, timeout_s: float) -> pika.ConnectionParameters:
+    ssl_options = None
+    if cfg.tls:
+        import ssl
+
+        context = ssl.create_default_context(cafile=cfg.ca_file)
+        ssl_options = pika.SSLOptions(context, server_hostname=cfg.host)
+    return pika.ConnectionParameters(
+        host=cfg.host,
+        port=cfg.port,
+        virtual_host=cfg.vhost,
+        credentials=pika.PlainCredentials(cfg.username, cfg._password()),
+        heartbeat=cfg.heartbeat_s,
+        # A broker under a memory or disk alarm blocks publishers; give up rather than hang.
+        blocked_connection_timeout=max(30.0, 3 * timeout_s),
+        socket_timeout=timeout_s,
+        stack_timeout=timeout_s,
+        connection_attempts=1,
+        retry_delay=0,
+        ssl_options=ssl_options,
+        client_properties={"connection_name": "queuejob"},
+    )
+
+
+def translate_connect_error(
+    exc: BaseException, cfg: BrokerConfig, timeout_s: float | None = None
+) -> QueueJobError:
+    where = cfg.describe()
+    if isinstance(exc, pex.ProbableAccessDeniedError | pex.ProbableAuthenticationError) and (
+        "ConnectionClosedByBroker" not in str(exc)
+    ):
+        # pika guesses "probable" refusals from the handshake stage at which the connection
+        # ended. Only a Connection.Close from the broker is a refusal; a dropped socket is not
+        # (a broker that is still booting resets connections mid-handshake): retry.
+        err = BrokerUnavailable(
+            f"broker at {where} dropped the connection during the AMQP handshake "
+            f"({cause(exc, cfg)}); it may be starting or restarting"
+        )
+        err.detail = cause(exc, cfg)  # type: ignore[attr-defined]
+        return err
+    if isinstance(exc, pex.ProbableAccessDeniedError):
+        return BrokerAuthError(
+            f"broker at {where} refused user {cfg.username!r} access to the vhost "
+            f"({cause(exc, cfg)}); create the vhost or grant the user permissions on it "
+            f"(rabbitmqctl set_permissions -p {cfg.vhost} {cfg.username} '.*' '.*' '.*')"
+        )
+    if isinstance(exc, pex.ProbableAuthenticationError | pex.AuthenticationError):
+        return BrokerAuthError(
+            f"broker at {where} refused the credentials of user {cfg.username!r} "
+            f"({cause(exc, cfg)}); check the user name and password in the broker URL or "
+            "block (retrying with the same credentials will not help)"
+        )
+    import ssl
+
+    if _find_in_chain(exc, ssl.SSLCertVerificationError):
+        return BrokerAuthError(
+            f"TLS certificate of the broker at {where} could not be verified "
+            f"({cause(exc, cfg)}); set ca_file to the CA bundle that signed it"
+        )
+    if isinstance(exc, socket.gaierror):
+        detail = f"cannot resolve host {cfg.host!r}: {cfg.scrub(str(exc))}"
+        advice = "check the host name, or wait for its DNS record (a Service still being created)"
+    elif _find_in_chain(exc, TimeoutError) or "Timeout" in cause(exc, cfg).split(":")[0]:
+        detail = (
+            f"timed out after {timeout_s:g} s (TCP connect, TLS and AMQP handshake)"
+            if timeout_s
+            else "timed out"
+        )
+        advice = "check that RabbitMQ is running and that host and port are the AMQP listener"
+    else:
+        detail = cause(exc, cfg)
+        advice = "check that RabbitMQ is running and reachable from here"
+    err = BrokerUnavailable(f"broker at {where} is not answering: {detail}; {advice}")
+    err.detail = detail  # type: ignore[attr-defined]
+    return err
+
+
+def _find_in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: list[BaseException] = [exc]
+    while seen:
+        cur = seen.pop()
+        if isinstance(cur, kind):
+            return True
+        seen.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
+        inner = getattr(cur, "exception", None)
+        if isinstance(inner, BaseException):
+            seen.append(inner)
+        if len(seen) > 20:
+            break
+    return False
+
+
+def open_blocking(cfg: BrokerConfig, timeout_s: float | None = None) -> Any:
+    """One connection attempt; raises BrokerUnavailable or BrokerAuthError."""
+    timeout = timeout_s or cfg.connect_timeout_s
+    params = connection_params(cfg, timeout)
+    try:
+        return pika.BlockingConnection(params)
+    except Exception as exc:  # pika's connector errors share no base class with AMQPError
+        raise translate_connect_error(exc, cfg, timeout) from None
+
+
+def connect(cfg: BrokerConfig, *, deadline_s: float = 0.0) -> pika.BlockingConnection:
+    """An open `pika.BlockingConnection`. With ``deadline_s > 0`` it waits for the broker as
+    `wait_for_broker` does; otherwise it makes one attempt. Raises `BrokerUnavailable` or
+    `BrokerAuthError`."""
+    if deadline_s > 0:
+        holder: list[Any] = []
+        _retry_until(cfg, deadline_s, 0.5, 5.0, None, keep=holder)
+        return holder[0]
+    return open_blocking(cfg)
+
+
+def wait_for_broker(
+    cfg: BrokerConfig,
+    *,
+    deadline_s: float = 60.0,
+    base_delay_s: float = 0.5,
+    max_delay_s: float = 5.0,
+    on_attempt: Callable[[int, Exception], None] | None = None,
+) -> None:
+    """Return once the broker completes a real AMQP handshake (connection.open-ok).
+
+    Failed attempts are retried with capped exponential back-off and jitter until
+    ``deadline_s`` has passed, then `BrokerUnavailable` names host, port, vhost, the number of
+    attempts and the last cause. Refused credentials or vhost access raise `BrokerAuthError` at
+    once. ``on_attempt(n, error)`` is called after every failed attempt.
+    """
+    _retry_until(cfg, deadline_s, base_delay_s, max_delay_s, on_attempt, keep=None)
+
+
+def _retry_until(
+    cfg: BrokerConfig,
+    deadline_s: float,
+    base_delay_s: float,
+    max_delay_s: float,
+    on_attempt: Callable[[int, Exception], None] | None,
+    *,
+    keep: list[Any] | None,
+) -> None:
+    start = time.monotonic()
+    end = start + deadline_s
+    attempt = 0
+    last: QueueJobError | None = None
+    while True:
+        attempt += 1
+        remaining = end - time.monotonic()
+        # Each attempt ends by the deadline (a zero deadline still makes one full attempt).
+        timeout = (
+            cfg.connect_timeout_s if deadline_s <= 0 else min(cfg.connect_timeout_s, remaining)
+        )
+        try:
+            conn = open_blocking(cfg, max(0.2, timeout))
+        except BrokerAuthError as exc:
+            if on_attempt:
+                on_attempt(attempt, exc)
+            raise
+        except BrokerUnavailable as exc:
+            last = exc
+            if on_attempt:
+                on_attempt(attempt, exc)
+        else:
+            if keep is not None:
+                keep.append(conn)
+            else:
+                close_quietly(conn)
+            if attempt > 1:
+                log.info("broker at %s answered after %d attempts", cfg.describe(), attempt)
+            return
+        delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1))
+        # Jitter keeps many pods that lost the broker together from retrying in lockstep.
+        delay = random.uniform(delay / 2, delay)
+        remaining = end - time.monotonic()
+        if remaining <= 0.05:
+            detail = getattr(last, "detail", None) or str(last)
+            raise BrokerUnavailable(
+                f"broker at {cfg.describe()} did not answer an AMQP handshake within "
+                f"{deadline_s:g} s ({attempt} attempt{'s' if attempt != 1 else ''}); last cause: "
+                f"{detail}; check that RabbitMQ is running and reachable from here (host, port, "
+                "vhost, network policy)"
+            ) from None
+        log.debug("broker at %s not ready (attempt %d): %s", cfg.describe(), attempt, last)
+        time.sleep(min(delay, remaining))
+
+
+def close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        if conn is not None and conn.is_open:
+            conn.close()
+
+
+@contextlib.contextmanager
+def session(cfg: BrokerConfig) -> Iterator[Any]:
+    """A blocking connection, closed on exit; connection-level pika errors become
+    BrokerUnavailable."""
+    conn = open_blocking(cfg)
+    try:
+        yield conn
+    except (pex.AMQPConnectionError, pex.StreamLostError, pex.ConnectionWrongStateError) as exc:
+        raise BrokerUnavailable(
+            f"lost the connection to the broker at {cfg.describe()}: {cause(exc, cfg)}; "
+            "retry once the broker is reachable"
+        ) from None
+    finally:
+        close_quietly(conn)
+
+
+def not_found(cfg: BrokerConfig, queue: str) -> QueueNotFound:
+    return QueueNotFound(
+        f"queue {queue!r} does not exist on the broker at {cfg.describe()}; declare the queues "
+        "first (declare_queues), or check the queue name"
+    )
+
+
+def channel_error(exc: pex.ChannelClosedByBroker, cfg: BrokerConfig, queue: str) -> QueueJobError:
+    if exc.reply_code == 404:
+        return not_found(cfg, queue)
+    if exc.reply_code == 403:
+        return BrokerAuthError(
+            f"user {cfg.username!r} may not use queue {queue!r} on {cfg.describe()} "
+            f"({exc.reply_text}); grant configure/write/read permissions for it"
+        )
+    return BrokerUnavailable(
+        f"the broker at {cfg.describe()} closed the channel while working on queue {queue!r}: "
+        f"({exc.reply_code}) {exc.reply_text}"
+    )
+
+
+def passive(conn: Any, cfg: BrokerConfig, queue: str) -> Any:
+    """queue.declare(passive) on a fresh channel (a 404 closes the channel); the Declare-ok."""
+    ch = conn.channel()
+    try:
+        return ch.queue_declare(queue, passive=True).method
+    except pex.ChannelClosedByBroker as exc:
+        raise channel_error(exc, cfg, queue) from None
+    finally:
+        with contextlib.suppress(Exception):
+            if ch.is_open:
+                ch.close()
