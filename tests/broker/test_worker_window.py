@@ -160,7 +160,7 @@ def test_a_refused_record_leaves_its_message_unacked(
 
 def test_the_worker_writes_records_exactly_as_the_ledger_reads_them() -> None:
     from flows.core.ledger import OutcomeRecord
-    from flows.worker import _record_json
+    from flows.worker.outcomes import record_json as _record_json
 
     rec = OutcomeRecord(
         run_id="r", status=FAILED, item_id="i-1", index=3, attempt=2, pod="p", exit_code=7,

@@ -1,0 +1,246 @@
+"""The item runner: a ``--call`` function called in the worker's process, or a command run as one
+process per item by one long-lived thread (`Executor`); and `Item`, what the worker knows of a
+delivered message, which turns an outcome into its `OutcomeRecord`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flows.adapters.broker import (
+    HEADER_DELIVERY_COUNT,
+    HEADER_FAILURES,
+    HEADER_INDEX,
+    HEADER_RUN_ID,
+)
+from flows.core.ledger import OutcomeRecord
+
+TAIL_LINES = 20
+TAIL_CHARS = 2000
+_TICK_S = 0.25  # how often the feeder looks whether the command has exited
+_PIPE_CHUNK = 65536
+_ORPHAN_PIPE_S = 2.0  # after the command exits, how long a grandchild may hold its pipes
+
+
+def tail(data: bytes | str) -> str:
+    """The last lines of an item's stderr, for its outcome record."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return "".join(text.splitlines(keepends=True)[-TAIL_LINES:])[-TAIL_CHARS:]
+
+
+@dataclass(frozen=True)
+class Result:
+    """How one item ended: its exit code (0 for success) and the end of its stderr."""
+
+    exit_code: int
+    tail: str = ""
+
+
+def call_item(fn: Callable[[bytes], Any], body: bytes) -> Result:
+    """Call a ``--call`` function with one item's body."""
+    try:
+        fn(body)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return Result(code, f"SystemExit({exc.code!r})\n" if code else "")
+    except BaseException:
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        return Result(1, tail(text))
+    return Result(0)
+
+
+class Executor:
+    """One thread for the worker's whole life that runs the commands, one at a time.
+
+    The main thread owns the broker connection: while a command runs it keeps serving
+    heartbeats, deliveries and publisher confirms, however long the command takes, and it
+    notices signals. Each command is one process, fed and read by this thread with a selector;
+    nothing else is started per item.
+    """
+
+    def __init__(self, *, argv: list[str]) -> None:
+        self._argv = argv
+        self._jobs: queue.SimpleQueue[tuple[bytes, dict[str, str]]] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[Result] = queue.SimpleQueue()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.busy = False
+        threading.Thread(target=self._serve, name="queuejob-items", daemon=True).start()
+
+    def submit(self, body: bytes, env: dict[str, str]) -> None:
+        """Start one item; `result` returns its outcome."""
+        self.busy = True
+        self._jobs.put((body, env))
+
+    def result(self, timeout_s: float) -> Result | None:
+        """The running item's outcome, or None if it is still running after ``timeout_s``."""
+        try:
+            res = self._results.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        self.busy = False
+        return res
+
+    def stop(self, grace_s: float) -> None:
+        """Stop the running command (SIGTERM to its process group, SIGKILL after ``grace_s``).
+        A Python function cannot be stopped: the process exits without waiting for it."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5.0)
+
+    def _serve(self) -> None:
+        while True:
+            body, env = self._jobs.get()
+            try:
+                res = self._run(body, env)
+            except BaseException as exc:  # never leave the main thread waiting
+                res = Result(1, f"queuejob worker: {type(exc).__name__}: {exc}\n")
+            self._results.put(res)
+
+    def _run(self, body: bytes, env: dict[str, str]) -> Result:
+        try:
+            # Its own process group, so a stop reaches the command's children too.
+            proc = subprocess.Popen(
+                self._argv,
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            tail = f"cannot run {self._argv[0]!r}: {exc.strerror or exc}\n"
+            sys.stderr.write(tail)
+            return Result(127 if isinstance(exc, FileNotFoundError) else 126, tail)
+        self._proc = proc
+        try:
+            tail = tail(self._pump(proc, body))
+            return Result(proc.returncode, tail)
+        finally:
+            self._proc = None
+
+    @staticmethod
+    def _pump(proc: subprocess.Popen[bytes], body: bytes) -> bytes:
+        """Feed ``body`` to the command's stdin and copy its stderr to ours until it exits;
+        return the end of its stderr."""
+        assert proc.stdin is not None and proc.stderr is not None
+        stdin, stderr = proc.stdin, proc.stderr
+        out = getattr(sys.stderr, "buffer", None)
+        kept = bytearray()
+        pending = memoryview(body)
+        exited_at: float | None = None
+        with selectors.DefaultSelector() as sel:
+            sel.register(stderr, selectors.EVENT_READ)
+            if pending:
+                os.set_blocking(stdin.fileno(), False)
+                sel.register(stdin, selectors.EVENT_WRITE)
+            else:
+                stdin.close()
+            while sel.get_map():
+                for key, _events in sel.select(timeout=_TICK_S):
+                    if key.fileobj is stdin:
+                        try:
+                            pending = pending[os.write(stdin.fileno(), pending[:_PIPE_CHUNK]) :]
+                        except BlockingIOError:
+                            continue
+                        except OSError:  # a command that does not read stdin: not a failure
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(stdin)
+                            with contextlib.suppress(OSError):
+                                stdin.close()
+                        continue
+                    chunk = os.read(stderr.fileno(), _PIPE_CHUNK)
+                    if not chunk:
+                        sel.unregister(stderr)
+                        continue
+                    kept += chunk
+                    del kept[: -4 * TAIL_CHARS]
+                    if out is not None:
+                        with contextlib.suppress(OSError, ValueError):
+                            out.write(chunk)
+                            out.flush()
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = time.monotonic()
+                # A background grandchild may keep a pipe open: do not wait for it forever.
+                if exited_at is not None and time.monotonic() - exited_at > _ORPHAN_PIPE_S:
+                    break
+        for pipe in (stdin, stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        proc.wait()
+        return bytes(kept)
+
+
+@dataclass(frozen=True)
+class Item:
+    """What the worker knows of one delivered message."""
+
+    item_id: str
+    index: int | None
+    attempt: int
+    failures: int
+    run_id: str
+    pod: str
+    headers: dict[str, Any]
+
+    @classmethod
+    def of(cls, props: Any, body: bytes, run_id: str, pod: str) -> Item:
+        headers: dict[str, Any] = dict(props.headers or {})
+        index = headers.get(HEADER_INDEX)
+        failures = _int(headers.get(HEADER_FAILURES))
+        return cls(
+            item_id=props.message_id or f"msg-{hashlib.blake2b(body, digest_size=6).hexdigest()}",
+            index=index if isinstance(index, int) and not isinstance(index, bool) else None,
+            attempt=_int(headers.get(HEADER_DELIVERY_COUNT)) + failures + 1,
+            failures=failures,
+            run_id=_text(headers.get(HEADER_RUN_ID)) or run_id,
+            pod=pod,
+            headers=headers,
+        )
+
+    def record(
+        self, status: str, res: Result | None, duration_s: float, note: str = ""
+    ) -> OutcomeRecord:
+        return OutcomeRecord(
+            run_id=self.run_id,
+            status=status,
+            item_id=self.item_id,
+            index=self.index,
+            attempt=self.attempt,
+            pod=self.pod,
+            exit_code=res.exit_code if res is not None else None,
+            duration_s=round(duration_s, 3),
+            stderr_tail=res.tail if res is not None else note,
+            ts=time.time(),
+        )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
