@@ -10,6 +10,7 @@ fresh pod, without Prefect's result cache - never duplicates items or Jobs.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, cast
@@ -21,8 +22,10 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.adapters import broker as broker_io
 from flows.core.backend import JobBackend, JobHandle
-from flows.core.errors import ConfigError, RetryableError
+from flows.core.errors import ConfigError, InvalidInput, RetryableError
 from flows.core.items import Item, ItemSource, iter_items
+from flows.core.manifest import JobSpec
+from flows.params import JobParams, job_spec_for_run
 
 BROKER_URL_ENV = "QUEUEJOB_BROKER_URL"
 
@@ -123,6 +126,83 @@ def resolve_broker(broker_block: str | None) -> broker_io.BrokerConfig:
             f"{BROKER_URL_ENV} in the flow run's environment"
         )
     return broker_io.BrokerConfig(url=url)
+
+
+def resolve_job_spec(job: JobParams, mode: str, backend: str) -> JobSpec:
+    """The run's `JobSpec`: a WorkQueueJobTemplate block with the run's overrides on top, else
+    the `job` parameter alone (explaining a field a deployment's `job` had and the run lost)."""
+    if job.template_block:
+        from blocks import WorkQueueJobTemplate
+
+        try:
+            template = cast(WorkQueueJobTemplate, WorkQueueJobTemplate.load(job.template_block))
+        except ValueError as exc:
+            raise InvalidInput(
+                f"no WorkQueueJobTemplate block named {job.template_block!r}: create it in the "
+                "Prefect UI (Blocks) or fix job.template_block"
+            ) from exc
+        # The run's overrides apply on top of the block (None values keep the block's).
+        return template.to_job_spec(**job.overrides(), mode=mode)
+    try:
+        return job_spec_for_run(job, mode, backend)
+    except InvalidInput as exc:
+        missing = _missing_job_field(job, backend)
+        if missing is None:
+            raise
+        hint = _deployment_job_hint(missing)
+        if hint is None:
+            raise
+        raise InvalidInput(hint) from exc
+
+
+def _missing_job_field(job: JobParams, backend: str) -> str | None:
+    """The field a run's `job` lacks to make a Job on its own (no template block), or None."""
+    if job.template_block:
+        return None
+    if not job.command and not job.call:
+        return "command"
+    if job.image is None and backend != "local":
+        return "image"
+    return None
+
+
+def _deployment_job_hint(missing: str) -> str | None:
+    """For a run of a deployment whose `job` has what this run's lacks: say why.
+
+    Prefect replaces a parameter given at run time whole (``--param job='{"parallelism": 4}'``,
+    or ``create_flow_run`` with a partial ``job``): the deployment's command, image or template
+    block are gone. The flow cannot tell a field left out from one set to null, so it explains
+    rather than merges. None when the run is not from a deployment, or its deployment's `job`
+    lacks the field too (then the plain message says what to set).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    deployment_id = ctx.flow_run.deployment_id if ctx and ctx.flow_run else None
+    if deployment_id is None:
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            deployed = client.read_deployment(deployment_id)
+    except Exception:  # the hint is a courtesy: without it the plain message still stands
+        return None
+    deployed_job = (deployed.parameters or {}).get("job") or {}
+    if not isinstance(deployed_job, dict):
+        return None
+    has = {
+        "command": bool(deployed_job.get("command") or deployed_job.get("call")),
+        "image": bool(deployed_job.get("image")),
+    }
+    if not (has[missing] or deployed_job.get("template_block")):
+        return None
+    return (
+        f"job.{missing} is missing: a parameter given at run time replaces the deployment's "
+        f"whole `job` (Prefect does not merge the two), and this run's `job` has no {missing}. "
+        f"Give the whole object: the deployment's is {json.dumps(deployed_job)}; change what "
+        "you need in it, or start the run from the UI's Custom run form, which begins with the "
+        "deployment's values"
+    )
 
 
 def source_items(source: ItemSource) -> Iterator[Item]:

@@ -1,7 +1,15 @@
 """The queuejob flow: fan items out through RabbitMQ to a Job, and report each item's fate.
 
-wait_for_broker -> declare_queue -> (stale check) -> fill_queue -> plan + pre-check -> create_job
--> wait_for_job (ledger, progress, live caveats) -> post-check + report -> cleanup.
+The flow is five stages, each a function here, passing one `Run` along:
+
+* `prepare`: check the inputs, the namespace and the ledger storage; wait for the broker and
+  declare the queues;
+* `fill`: the stale-message check, then fill the queue (a retry finds it filled, or the Job
+  made);
+* `launch`: size the Job from the confirmed count, check the caveats before it, create (or
+  adopt) it;
+* `watch`: wait for the Job while the outcome records feed the ledger (`wait_for_job`);
+* `report`: the caveats after the run, the saved ledger and report, the artifacts, cleanup.
 
 The ledger is an on-disk store fed in batches (`flows.adapters.ledger_store`), checkpointed to
 the run's ledger storage (a Prefect filesystem block, `ledger_storage`) before the outcome
@@ -17,24 +25,20 @@ Cancellation and crashes delete the run's Job, pods and Secret from hooks that f
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.utilities.annotations import quote
+from pydantic import BaseModel
 
-from flows import tasks
+from flows import run_report, tasks
 from flows.adapters import broker as broker_io
 from flows.adapters.ledger_storage import LedgerStorage
 from flows.adapters.ledger_store import RunLedger
@@ -43,6 +47,7 @@ from flows.core.backend import JobHandle
 from flows.core.errors import InvalidInput, JobFailed, QueueJobError
 from flows.core.items import ItemSource
 from flows.core.job_status import JobPhase, JobState
+from flows.core.ledger import LedgerSummary
 from flows.core.manifest import (
     ITEMS_ANNOTATION,
     JobSpec,
@@ -53,18 +58,41 @@ from flows.core.manifest import (
     secret_name,
 )
 from flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
-from flows.params import CleanupParams, JobParams, QueueParams, default_items, job_spec_for_run
+from flows.params import CleanupParams, JobParams, QueueParams, default_items
 from flows.storage import open_storage
 
-TABLE_ROW_CAP = 500
-POD_FAILURES_SHOWN = 20  # failed pods whose log tail goes to the run's logs and the report
 # Fault injection for tests, on a flow run's first attempt only: "crash-after-create-job", or
 # "crash-after-wait" (the Job is done and its records read, the ledger not yet saved).
 FAULT_ENV = "QUEUEJOB_FAULT"
 # How many outcome records the flow may hold unacknowledged at once (the results consumer's
 # prefetch); records are saved in batches of half of it.
 MAX_UNACKED_ENV = "QUEUEJOB_MAX_UNACKED_RECORDS"
-TABLE_BODY_CAP = 200
+
+
+@dataclass
+class Run:
+    """One run as the stages pass it on: what `prepare` resolved, and what the later stages add
+    (the confirmed count, the completions, the findings and the results consumer's figures)."""
+
+    run_id: str
+    params: dict[str, Any]  # the flow's parameters as JSON, saved with the report
+    items: ItemSource
+    n_items: int
+    mode: str
+    backend: str
+    cfg: broker_io.BrokerConfig
+    qs: broker_io.QueueSettings
+    choice: tasks.BackendChoice
+    spec: JobSpec
+    name: str  # the Job's name
+    storage: LedgerStorage
+    storage_location: str
+    started: float
+    findings: list[caveats.Finding] = field(default_factory=list)
+    # Filled in place by `wait_for_job`: the unacked bound and the most unacked records seen.
+    stats: dict[str, int] = field(default_factory=dict)
+    confirmed: int = 0
+    completions: int | None = None
 
 
 def _run_id() -> str:
@@ -88,81 +116,6 @@ def _max_unacked() -> int:
             f"(default {DEFAULT_MAX_UNACKED})"
         )
     return value
-
-
-def _job_spec(job: JobParams, mode: str, backend: str) -> JobSpec:
-    if job.template_block:
-        from blocks import WorkQueueJobTemplate
-
-        try:
-            template = cast(WorkQueueJobTemplate, WorkQueueJobTemplate.load(job.template_block))
-        except ValueError as exc:
-            raise InvalidInput(
-                f"no WorkQueueJobTemplate block named {job.template_block!r}: create it in the "
-                "Prefect UI (Blocks) or fix job.template_block"
-            ) from exc
-        # The run's overrides apply on top of the block (None values keep the block's).
-        return template.to_job_spec(**job.overrides(), mode=mode)
-    try:
-        return job_spec_for_run(job, mode, backend)
-    except InvalidInput as exc:
-        missing = _missing_job_field(job, backend)
-        if missing is None:
-            raise
-        hint = _deployment_job_hint(missing)
-        if hint is None:
-            raise
-        raise InvalidInput(hint) from exc
-
-
-def _missing_job_field(job: JobParams, backend: str) -> str | None:
-    """The field a run's `job` lacks to make a Job on its own (no template block), or None."""
-    if job.template_block:
-        return None
-    if not job.command and not job.call:
-        return "command"
-    if job.image is None and backend != "local":
-        return "image"
-    return None
-
-
-def _deployment_job_hint(missing: str) -> str | None:
-    """For a run of a deployment whose `job` has what this run's lacks: say why.
-
-    Prefect replaces a parameter given at run time whole (``--param job='{"parallelism": 4}'``,
-    or ``create_flow_run`` with a partial ``job``): the deployment's command, image or template
-    block are gone. The flow cannot tell a field left out from one set to null, so it explains
-    rather than merges. None when the run is not from a deployment, or its deployment's `job`
-    lacks the field too (then the plain message says what to set).
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    deployment_id = ctx.flow_run.deployment_id if ctx and ctx.flow_run else None
-    if deployment_id is None:
-        return None
-    try:
-        with get_client(sync_client=True) as client:
-            deployed = client.read_deployment(deployment_id)
-    except Exception:  # the hint is a courtesy: without it the plain message still stands
-        return None
-    deployed_job = (deployed.parameters or {}).get("job") or {}
-    if not isinstance(deployed_job, dict):
-        return None
-    has = {
-        "command": bool(deployed_job.get("command") or deployed_job.get("call")),
-        "image": bool(deployed_job.get("image")),
-    }
-    if not (has[missing] or deployed_job.get("template_block")):
-        return None
-    return (
-        f"job.{missing} is missing: a parameter given at run time replaces the deployment's "
-        f"whole `job` (Prefect does not merge the two), and this run's `job` has no {missing}. "
-        f"Give the whole object: the deployment's is {json.dumps(deployed_job)}; change what "
-        "you need in it, or start the run from the UI's Custom run form, which begins with the "
-        "deployment's values"
-    )
 
 
 def _progress_artifact_listener(run_id: str) -> Any:
@@ -239,61 +192,6 @@ def wait_for_job(
     return state
 
 
-def _report_markdown(report: dict[str, Any], findings: list[caveats.Finding]) -> str:
-    s = report["summary"]
-    lines = [
-        f"# queuejob run {report['run_id']}",
-        "",
-        f"Job `{report['job']}` in `{report['namespace']}` ({report['backend']} backend), "
-        f"queue `{report['queue']}`: **{report['job_phase']}**"
-        + (f" ({report['job_reason']})" if report.get("job_reason") else ""),
-        "",
-    ]
-    if report.get("rerun_of"):
-        lines += [f"A rerun of run `{report['rerun_of']}`: its items from that run's ledger.", ""]
-    lines += [
-        "| items | succeeded | failed | dead-lettered | left in queue | processed twice |",
-        "|---|---|---|---|---|---|",
-        f"| {s['expected']} | {s['succeeded']} | {s['failed']} | {s['dead_lettered']} | "
-        f"{s['left']} | {s['processed_more_than_once']} |",
-        "",
-    ]
-    if findings:
-        lines += ["## Findings", ""]
-        lines += [
-            f"- **{f.severity.value}** `{f.code.value}`: {f.message}. *{f.advice}*"
-            for f in findings
-        ]
-    else:
-        lines += ["No caveat findings."]
-    if report.get("pod_failures"):
-        lines += ["", "## Failed pods", ""]
-        for pf in report["pod_failures"][:POD_FAILURES_SHOWN]:
-            tail = pf["log_tail"].strip().replace("\n", "\n    ")
-            lines += [f"- `{pf['pod']}` exit {pf['exit_code']} ({pf['reason']}):", f"    {tail}"]
-    lines += ["", f"Full ledger (JSON Lines, one row per item): `{report['ledger_path']}`"]
-    return "\n".join(lines)
-
-
-def _log_pod_failures(logger: Any, pod_failures: list[dict[str, Any]]) -> None:
-    """Put each failed pod's exit code and the end of its log in the run's logs (the report
-    artifact has them too, but the logs are where a failed run is read first)."""
-    for pf in pod_failures[:POD_FAILURES_SHOWN]:
-        tail = pf["log_tail"].rstrip() or "(the pod wrote nothing)"
-        logger.warning(
-            "pod %s failed: exit code %s (%s); the end of its log:\n%s",
-            pf["pod"],
-            pf["exit_code"],
-            pf["reason"] or "Error",
-            tail,
-        )
-    if len(pod_failures) > POD_FAILURES_SHOWN:
-        logger.warning(
-            "%d more pods failed: the report artifact lists them",
-            len(pod_failures) - POD_FAILURES_SHOWN,
-        )
-
-
 def cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
     """on_cancellation / on_crashed: delete the run's Job, pods and Secret by the run label.
 
@@ -359,13 +257,69 @@ def run_work_queue(
             s3://, gs://, az://, ...) where the ledger is kept, checkpointed as the run goes
             (else QUEUEJOB_LEDGER_DIR, default ~/.cache/queuejob/ledgers).
     """
+    arguments = dict(locals())  # the parameters, and nothing else yet
+    params = {k: _as_json(v) for k, v in arguments.items()}
+    run = prepare(
+        params,
+        items=items,
+        queue=queue,
+        job=job,
+        mode=mode,
+        backend=backend,
+        broker_block=broker_block,
+        kubernetes_credentials_block=kubernetes_credentials_block,
+        timeout_seconds=timeout_seconds,
+        broker_wait_seconds=broker_wait_seconds,
+        ledger_storage=ledger_storage,
+    )
+    fill(run, stale_policy=queue.stale_messages)
+    secret, manifest = plan_job(run, job, caveat_policy)
+    # The ledger: rebuilt from the storage's checkpoints (a retry goes on from them). It learns
+    # the items at the start of the wait, while the pods already work; the wait follows the
+    # Job's creation at once, so a stop (SIGTERM) once pods run lands where it takes them down.
+    ledger = RunLedger.open(run.storage, run.run_id, expected=run.confirmed)
+    try:
+        handle = launch(run, ledger, secret, manifest)
+        state = watch(run, ledger, handle, timeout_seconds)
+        return report(run, ledger, handle, state, cleanup, caveat_policy)
+    finally:
+        ledger.close()
+
+
+def _as_json(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _fault_point(name: str) -> None:
+    if os.environ.get(FAULT_ENV) == name and runtime_flow_run.run_count <= 1:
+        raise RuntimeError(f"fault injection: {name.replace('-', ' ')} (first attempt only)")
+
+
+# --- the stages ----------------------------------------------------------------------------------
+
+
+def prepare(
+    params: dict[str, Any],
+    *,
+    items: ItemSource,
+    queue: QueueParams,
+    job: JobParams,
+    mode: str,
+    backend: str,
+    broker_block: str | None,
+    kubernetes_credentials_block: str | None,
+    timeout_seconds: float,
+    broker_wait_seconds: float,
+    ledger_storage: str | None,
+) -> Run:
+    """Check everything that can be checked before anything happens, then wait for the broker
+    and declare the queues."""
     logger = get_run_logger()
     started = time.monotonic()
     if timeout_seconds <= 0:
         raise InvalidInput(f"timeout_seconds must be positive (got {timeout_seconds})")
     run_id = _run_id()
-    spec = _job_spec(job, mode, backend)
-    name = job_name(spec.name_prefix, run_id)
+    spec = tasks.resolve_job_spec(job, mode, backend)
     qs = broker_io.QueueSettings(
         name=queue.name, queue_type=queue.type, delivery_limit=queue.delivery_limit
     )
@@ -374,20 +328,6 @@ def run_work_queue(
     n_items = tasks.validate_items(items)
     logger.info("%d items from %s; broker %s", n_items, items.describe(), cfg.redacted())
     max_unacked = _max_unacked()
-    params = {
-        "items": items.model_dump(mode="json"),
-        "queue": queue.model_dump(mode="json"),
-        "job": job.model_dump(mode="json"),
-        "mode": mode,
-        "backend": backend,
-        "broker_block": broker_block,
-        "kubernetes_credentials_block": kubernetes_credentials_block,
-        "caveat_policy": caveat_policy,
-        "timeout_seconds": timeout_seconds,
-        "broker_wait_seconds": broker_wait_seconds,
-        "cleanup": cleanup.model_dump(mode="json"),
-        "ledger_storage": ledger_storage,
-    }
     # A namespace that does not exist would only show when the Job is created, after the queue
     # was filled: check it while nothing has happened yet.
     tasks.check_namespace(choice, spec.namespace)
@@ -396,179 +336,201 @@ def run_work_queue(
     ledger_location = tasks.check_ledger_storage(ledger_storage, run_id)
     storage = open_storage(ledger_storage)
     logger.info("ledger storage: %s", ledger_location)
-
-    findings: list[caveats.Finding] = []
     tasks.wait_for_broker(cfg, broker_wait_seconds)
     tasks.declare_queue(cfg, qs)
+    return Run(
+        run_id=run_id,
+        params=params,
+        items=items,
+        n_items=n_items,
+        mode=mode,
+        backend=backend,
+        cfg=cfg,
+        qs=qs,
+        choice=choice,
+        spec=spec,
+        name=job_name(spec.name_prefix, run_id),
+        storage=storage,
+        storage_location=ledger_location,
+        started=started,
+        stats={"max_unacked_allowed": max_unacked, "max_unacked_seen": 0},
+    )
 
-    existing = tasks.find_job(choice, spec.namespace, name, run_id)
+
+def fill(run: Run, *, stale_policy: Any) -> None:
+    """Fill the work queue and set ``run.confirmed``. A retry after the Job was created finds
+    the count on the Job; a retry after the fill finds the fill's marker (a no-op fill)."""
+    logger = get_run_logger()
+    cfg, qs = run.cfg, run.qs
+    existing = tasks.find_job(run.choice, run.spec.namespace, run.name, run.run_id)
     if existing is not None:
-        # A retry of this run after the Job was created: the fill is done, the Job is adopted.
-        confirmed = int((existing.annotations or {}).get(ITEMS_ANNOTATION, n_items))
-        logger.info("re-attaching to Job %s created by an earlier attempt", name)
-    else:
-        marker, depths = tasks.inspect_queue(cfg, qs)
-        if marker is None or marker.run_id != run_id:
-            work = depths["work"]
-            stale = caveats.check_stale(
-                queue=qs.name,
-                ready=work.ready,
-                unacked=work.unacked or 0,
-                consumers=work.consumers,
-                policy=queue.stale_messages,
-            )
-            if stale is not None:
-                purged = tasks.purge_stale(cfg, qs)
-                logger.warning("%s (%d purged)", stale.line(), purged)
-                findings.append(stale)
-        fill = tasks.fill_queue(cfg, qs, items, run_id)
-        confirmed = fill.confirmed
-        logger.info(
-            "queue %r: %d items confirmed%s",
-            qs.name,
-            confirmed,
-            " (filled by an earlier attempt)" if fill.skipped else "",
+        run.confirmed = int((existing.annotations or {}).get(ITEMS_ANNOTATION, run.n_items))
+        logger.info("re-attaching to Job %s created by an earlier attempt", run.name)
+        return
+    marker, depths = tasks.inspect_queue(cfg, qs)
+    if marker is None or marker.run_id != run.run_id:
+        work = depths["work"]
+        stale = caveats.check_stale(
+            queue=qs.name,
+            ready=work.ready,
+            unacked=work.unacked or 0,
+            consumers=work.consumers,
+            policy=stale_policy,
         )
+        if stale is not None:
+            purged = tasks.purge_stale(cfg, qs)
+            logger.warning("%s (%d purged)", stale.line(), purged)
+            run.findings.append(stale)
+    result = tasks.fill_queue(cfg, qs, run.items, run.run_id)
+    run.confirmed = result.confirmed
+    logger.info(
+        "queue %r: %d items confirmed%s",
+        qs.name,
+        run.confirmed,
+        " (filled by an earlier attempt)" if result.skipped else "",
+    )
 
-    completions = caveats.plan_completions(
-        requested=job.completions, confirmed=confirmed, mode=mode
+
+def plan_job(
+    run: Run, job: JobParams, caveat_policy: Literal["warn", "fail"]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Size the Job from the confirmed count and check the caveats before it exists; return its
+    Secret and manifest. Under the fail policy a finding stops the run here, with nothing on
+    the cluster to clean up."""
+    logger = get_run_logger()
+    spec, qs = run.spec, run.qs
+    run.completions = caveats.plan_completions(
+        requested=job.completions, confirmed=run.confirmed, mode=run.mode
     )
     before = caveats.check_completions(
         queue=qs.name,
         requested=job.completions,
-        confirmed=confirmed,
-        mode=mode,
+        confirmed=run.confirmed,
+        mode=run.mode,
         idle_timeout_s=spec.idle_timeout_seconds,
     )
     for finding in before:
         logger.warning(finding.line())
-    findings.extend(before)
-    # Under the fail policy, stop before the Job exists: nothing to clean up on the cluster.
-    caveats.enforce(findings, caveat_policy)
-
+    run.findings.extend(before)
+    caveats.enforce(run.findings, caveat_policy)
     secret = build_secret(
-        namespace=spec.namespace, name=secret_name(name), run_id=run_id, broker_url=cfg.url
+        namespace=spec.namespace,
+        name=secret_name(run.name),
+        run_id=run.run_id,
+        broker_url=run.cfg.url,
     )
     manifest = build_job(
         spec,
-        run_id=run_id,
+        run_id=run.run_id,
         queue=qs.name,
-        completions=completions,
-        confirmed_items=confirmed,
+        completions=run.completions,
+        confirmed_items=run.confirmed,
         delivery_limit=qs.delivery_limit if qs.queue_type == "classic" else None,
     )
-    # The ledger: rebuilt from the storage's checkpoints (a retry goes on from them). It learns
-    # the items at the start of the wait, while the pods already work; the wait follows the
-    # Job's creation at once, so a stop (SIGTERM) once pods run lands where it takes them down.
-    ledger = RunLedger.open(storage, run_id, expected=confirmed)
-    try:
-        if ledger.records:
-            logger.info(
-                "ledger: %d outcome records from %d checkpoints of an earlier attempt",
-                ledger.records,
-                ledger.segments,
-            )
-        handle = tasks.create_job(choice, secret, manifest, run_id)
-        logger.info(
-            "%s Job %s/%s", "adopted" if handle.adopted else "created", spec.namespace, name
-        )
-        if (
-            os.environ.get(FAULT_ENV) == "crash-after-create-job"
-            and runtime_flow_run.run_count <= 1
-        ):
-            raise RuntimeError("fault injection: crash after create_job (first attempt only)")
-        return _wait_and_report(
-            items=items,
-            ledger=ledger,
-            storage_location=ledger_location,
-            storage=storage,
-            params=params,
-            choice=choice,
-            handle=handle,
-            cfg=cfg,
-            qs=qs,
-            mode=mode,
-            spec=spec,
-            name=name,
-            backend=backend,
-            n_items=n_items,
-            confirmed=confirmed,
-            completions=completions,
-            timeout_seconds=timeout_seconds,
-            findings=findings,
-            cleanup=cleanup,
-            caveat_policy=caveat_policy,
-            started=started,
-            max_unacked=max_unacked,
-        )
-    finally:
-        ledger.close()
+    return secret, manifest
 
 
-def _wait_and_report(
-    *,
-    items: ItemSource,
-    ledger: RunLedger,
-    storage_location: str,
-    storage: LedgerStorage,
-    params: dict[str, Any],
-    choice: tasks.BackendChoice,
-    handle: JobHandle,
-    cfg: broker_io.BrokerConfig,
-    qs: broker_io.QueueSettings,
-    mode: str,
-    spec: JobSpec,
-    name: str,
-    backend: str,
-    n_items: int,
-    confirmed: int,
-    completions: int | None,
-    timeout_seconds: float,
-    findings: list[caveats.Finding],
-    cleanup: CleanupParams,
-    caveat_policy: Literal["warn", "fail"],
-    started: float,
-    max_unacked: int,
-) -> dict[str, Any]:
+def launch(
+    run: Run, ledger: RunLedger, secret: dict[str, Any], manifest: dict[str, Any]
+) -> JobHandle:
+    """Create the Job and its Secret, or adopt the ones an earlier attempt created."""
     logger = get_run_logger()
-    run_id = ledger.run_id
-    stats: dict[str, int] = {"max_unacked_allowed": max_unacked, "max_unacked_seen": 0}
+    if ledger.records:
+        logger.info(
+            "ledger: %d outcome records from %d checkpoints of an earlier attempt",
+            ledger.records,
+            ledger.segments,
+        )
+    handle = tasks.create_job(run.choice, secret, manifest, run.run_id)
+    logger.info(
+        "%s Job %s/%s", "adopted" if handle.adopted else "created", run.spec.namespace, run.name
+    )
+    _fault_point("crash-after-create-job")
+    return handle
+
+
+def watch(run: Run, ledger: RunLedger, handle: JobHandle, timeout_seconds: float) -> JobState:
+    """Wait for the Job to be decided, feeding the ledger (see `wait_for_job`)."""
     state = wait_for_job(  # type: ignore[call-overload]
-        choice,
+        run.choice,
         handle,
-        cfg,
-        qs,
-        items,
+        run.cfg,
+        run.qs,
+        run.items,
         # quote(): hand the task these very objects (filled in place), not copies.
         quote(ledger),
-        mode,
-        spec.idle_timeout_seconds,
+        run.mode,
+        run.spec.idle_timeout_seconds,
         timeout_seconds,
-        quote(findings),
-        quote(stats),
+        quote(run.findings),
+        quote(run.stats),
     )
-    if os.environ.get(FAULT_ENV) == "crash-after-wait" and runtime_flow_run.run_count <= 1:
-        raise RuntimeError("fault injection: crash after the wait (first attempt only)")
+    _fault_point("crash-after-wait")
+    return cast(JobState, state)
 
-    # --- after: what is left, what died, what the ledger says --------------------------------
+
+def report(
+    run: Run,
+    ledger: RunLedger,
+    handle: JobHandle,
+    state: JobState,
+    cleanup: CleanupParams,
+    caveat_policy: Literal["warn", "fail"],
+) -> dict[str, Any]:
+    """Check the caveats after the run, save the ledger, delete what the caller asked to, save
+    the report and show it; then fail the run if the Job failed or the policy says so."""
+    logger = get_run_logger()
+    summary, pod_failures = _check_after(run, ledger, handle, state)
+    ledger_path = run.storage.write_rows(run.run_id, ledger.rows())
+    # Queues go once the ledger is saved (the outcome records have served), before the report,
+    # so that it says which were kept: a work or dead-letter queue still holding items stays.
+    kept: dict[str, int] = {}
+    if state.phase is JobPhase.SUCCEEDED and cleanup.delete_queues:
+        kept = tasks.delete_queues(run.cfg, run.qs)
+        run.findings.extend(
+            caveats.check_kept_queues(queue=run.qs.name, dead_queue=run.qs.dead_name, kept=kept)
+        )
+    result = _report_dict(run, ledger, state, summary, pod_failures, ledger_path, kept)
+    run.storage.write_report(run.run_id, {**result, "params": run.params})
+    run_report.create_artifacts(result, run.findings, ledger)
+    run_report.log_summary(logger, summary, run.findings, state)
+    if state.phase is JobPhase.FAILED:
+        raise JobFailed(
+            f"Job {run.name!r} failed: {state.reason} ({state.message}); "
+            f"{summary.succeeded}/{summary.expected} items succeeded; see the report artifact"
+        )
+    if state.phase is JobPhase.SUCCEEDED:
+        if cleanup.delete_job:
+            tasks.delete_run_objects(run.choice, run.spec.namespace, run.run_id)
+        if not cleanup.delete_queues:  # the ledger is saved: the outcome records have served
+            tasks.purge_results(run.cfg, run.qs)
+    caveats.enforce(run.findings, caveat_policy)
+    return result
+
+
+def _check_after(
+    run: Run, ledger: RunLedger, handle: JobHandle, state: JobState
+) -> tuple[LedgerSummary, list[dict[str, Any]]]:
+    """What is left, what died, what the ledger says: the findings after the run (added to
+    ``run.findings``), the ledger's summary and the failed pods."""
+    cfg, qs = run.cfg, run.qs
     depths = broker_io.queue_depths(cfg, qs)
-    dead_ids = broker_io.dead_letter_ids(cfg, qs, run_id=run_id)
+    dead_ids = broker_io.dead_letter_ids(cfg, qs, run_id=run.run_id)
     ledger.mark_dead_lettered(dead_ids)
     summary = ledger.summary()
-    backend_io = tasks.make_backend(choice)
-    pod_failures = []
-    failed = caveats.check_job_failed(state, job=name)
+    pod_failures: list[dict[str, Any]] = []
+    failed = caveats.check_job_failed(state, job=run.name)
     if failed is not None:
-        findings.append(failed)
+        run.findings.append(failed)
         pod_failures = [
             {"pod": p.pod, "exit_code": p.exit_code, "reason": p.reason, "log_tail": p.log_tail}
-            for p in backend_io.failure_details(handle)
+            for p in tasks.make_backend(run.choice).failure_details(handle)
         ]
-        _log_pod_failures(logger, pod_failures)
-    findings.extend(
+        run_report.log_pod_failures(get_run_logger(), pod_failures)
+    run.findings.extend(
         caveats.check_after(
             queue=qs.name,
-            confirmed=confirmed,
+            confirmed=run.confirmed,
             state=state,
             residual_ready=depths["work"].ready,
             residual_unacked=depths["work"].unacked or 0,
@@ -576,99 +538,43 @@ def _wait_and_report(
             summary=summary,
             delivery_limit=qs.delivery_limit if qs.queue_type == "quorum" else None,
             unreported_attempts=ledger.unreported_attempts(),
-            run_id=run_id,
+            run_id=run.run_id,
         )
     )
+    return summary, pod_failures
 
-    ledger_path = storage.write_rows(run_id, ledger.rows())
 
-    # Queues go once the ledger is saved (the outcome records have served), before the report, so
-    # that it says which were kept: a work or dead-letter queue still holding items stays.
-    kept: dict[str, int] = {}
-    if state.phase is JobPhase.SUCCEEDED and cleanup.delete_queues:
-        kept = tasks.delete_queues(cfg, qs)
-        findings.extend(
-            caveats.check_kept_queues(queue=qs.name, dead_queue=qs.dead_name, kept=kept)
-        )
-
-    report: dict[str, Any] = {
-        "run_id": run_id,
-        "job": name,
-        "namespace": spec.namespace,
-        "backend": backend,
-        "queue": qs.name,
-        "mode": mode,
-        "items": n_items,
-        "confirmed": confirmed,
-        "completions": completions,
+def _report_dict(
+    run: Run,
+    ledger: RunLedger,
+    state: JobState,
+    summary: LedgerSummary,
+    pod_failures: list[dict[str, Any]],
+    ledger_path: str,
+    kept: dict[str, int],
+) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "job": run.name,
+        "namespace": run.spec.namespace,
+        "backend": run.backend,
+        "queue": run.qs.name,
+        "mode": run.mode,
+        "items": run.n_items,
+        "confirmed": run.confirmed,
+        "completions": run.completions,
         "job_phase": state.phase.value,
         "job_reason": state.reason,
         "summary": summary.as_dict(),
-        "findings": [f.as_dict() for f in findings],
+        "findings": [f.as_dict() for f in run.findings],
         "pod_failures": pod_failures,
-        "ledger": storage_location,
+        "ledger": run.storage_location,
         "ledger_path": ledger_path,
         "ledger_records": ledger.records,
-        "max_unacked_records": stats.get("max_unacked_seen", 0),
+        "max_unacked_records": run.stats.get("max_unacked_seen", 0),
         "kept_queues": kept,
-        "wall_time_s": round(time.monotonic() - started, 2),
-        "labels": run_labels(run_id),
+        "wall_time_s": round(time.monotonic() - run.started, 2),
+        "labels": run_labels(run.run_id),
         # The run whose ledger this one's items came from (queuejob rerun), else None.
-        "rerun_of": _rerun_of(params),
+        "rerun_of": run_report.rerun_of(run.params),
     }
-    storage.write_report(run_id, {**report, "params": params})
-    rows = [_table_row(r) for r in ledger.rows(limit=TABLE_ROW_CAP)]
-    create_table_artifact(
-        table=rows,
-        key=f"queuejob-ledger-{run_id[:8]}",
-        description=f"Per-item ledger (first {TABLE_ROW_CAP} rows; full: {ledger_path})",
-    )
-    create_markdown_artifact(
-        markdown=_report_markdown(report, findings),
-        key=f"queuejob-report-{run_id[:8]}",
-        description="queuejob run report",
-    )
-    s = summary
-    logger.info(
-        "summary: %d items, %d succeeded, %d failed, %d dead-lettered, %d left in queue; "
-        "%d finding(s); job %s",
-        s.expected,
-        s.succeeded,
-        s.failed,
-        s.dead_lettered,
-        s.left,
-        len(findings),
-        state.describe(),
-    )
-    for finding in findings:
-        if finding.stage == "after":
-            (logger.info if finding.severity is caveats.Severity.INFO else logger.warning)(
-                finding.line()
-            )
-
-    if state.phase is JobPhase.FAILED:
-        raise JobFailed(
-            f"Job {name!r} failed: {state.reason} ({state.message}); "
-            f"{s.succeeded}/{s.expected} items succeeded; see the report artifact"
-        )
-    if state.phase is JobPhase.SUCCEEDED:
-        if cleanup.delete_job:
-            tasks.delete_run_objects(choice, spec.namespace, run_id)
-        if not cleanup.delete_queues:  # the ledger is saved: the outcome records have served
-            tasks.purge_results(cfg, qs)
-    caveats.enforce(findings, caveat_policy)
-    return report
-
-
-def _table_row(row: dict[str, Any]) -> dict[str, Any]:
-    body = row.get("body") or ""
-    if len(body) > TABLE_BODY_CAP:
-        row = {**row, "body": body[:TABLE_BODY_CAP] + "..."}
-    return row
-
-
-def _rerun_of(params: dict[str, Any]) -> str | None:
-    """The earlier run a rerun's items come from (an item source of kind 'ledger')."""
-    items = params.get("items") or {}
-    run_id = items.get("run_id") if items.get("kind") == "ledger" else None
-    return str(run_id) if run_id else None

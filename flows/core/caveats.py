@@ -247,6 +247,36 @@ def check_after(
     no outcome record (`Ledger.items_with_unreported_attempts`). ``run_id`` names this run in
     the advice for failed and dead-lettered items (the rerun command).
     """
+    left = residual_ready + residual_unacked
+    return [
+        *_unfinished_items(
+            queue=queue,
+            state=state,
+            residual_ready=residual_ready,
+            residual_unacked=residual_unacked,
+            dead_letters=dead_letters,
+            summary=summary,
+            delivery_limit=delivery_limit,
+            run_id=run_id,
+        ),
+        *_ledger_gaps(
+            confirmed=confirmed, left=left, summary=summary, unreported_attempts=unreported_attempts
+        ),
+    ]
+
+
+def _unfinished_items(
+    *,
+    queue: str,
+    state: JobState,
+    residual_ready: int,
+    residual_unacked: int,
+    dead_letters: int,
+    summary: LedgerSummary,
+    delivery_limit: int | None,
+    run_id: str | None,
+) -> list[Finding]:
+    """Items left in the queue, dead-lettered, or failed on their last attempt."""
     rerun = f"queuejob rerun {run_id or '<RUN_ID>'}"
     out: list[Finding] = []
     left = residual_ready + residual_unacked
@@ -288,6 +318,15 @@ def check_after(
                 {"failed": summary.failed},
             )
         )
+    return out
+
+
+def _ledger_gaps(
+    *, confirmed: int, left: int, summary: LedgerSummary, unreported_attempts: int
+) -> list[Finding]:
+    """What the ledger says beyond the items' fates: records missing, work done twice, attempts
+    that left no record, pods that found no work."""
+    out: list[Finding] = []
     # An item whose last attempt failed went back to the queue: if it is still there it is
     # counted in `left` too, so count failed items only beyond what the queue holds.
     reported = summary.succeeded + summary.failed + summary.dead_lettered

@@ -116,7 +116,7 @@ def test_a_large_ledger_prints_in_bounded_memory(ledger_dir: Path) -> None:
 def test_run_takes_the_ledger_storage_block() -> None:
     import argparse
 
-    from flows.cli import _flow_kwargs
+    from flows.cli.args import flow_kwargs as _flow_kwargs
 
     ns = argparse.Namespace(
         items=["a"], file=None, jsonl=None, range=None, mode="fine", backend="local",

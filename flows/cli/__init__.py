@@ -1,0 +1,164 @@
+"""The `queuejob` command.
+
+  queuejob run ITEM... [options] -- CMD ...   run the flow from a terminal
+  queuejob demo                               the docs' eight items on the local backend
+  queuejob render [options] -- CMD ...        print the Secret (redacted) and Job it would create
+  queuejob ledger RUN_ID [--fate F] [--ledger-storage BLOCK] [--format table|jsonl]
+                                              a finished run's summary and ledger rows
+  queuejob worker [worker options] -- CMD ... the pod program (same as python -m flows.worker)
+  queuejob rerun RUN_ID [--fate F] [options]  an earlier run's failed items as a new run
+  queuejob dead-letters QUEUE [--requeue]     list <QUEUE>.dead, or move it back to QUEUE
+
+The broker comes from a RabbitMQBroker block (--broker-block) or the QUEUEJOB_BROKER_URL
+environment variable (kept off the command line, where other users could read it).
+Imports stay lazy: `queuejob worker` runs in every pod and must not pay for Prefect, and bad input
+is refused before Prefect is even imported (`check_run_input`), so it costs no temporary server.
+Errors are one line on stderr, `queuejob: <what is wrong>; <what to do>`, exit status 2 for bad
+input; tracebacks only with --debug.
+
+Modules: `args` (the run options, turned into the flow's parameters and checked before Prefect
+starts), `running` (run, demo and render: a flow run in this process) and `after_run` (ledger,
+rerun and dead-letters: what comes after a run). `main` here builds the parser and dispatches.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from flows.cli.after_run import (
+    add_dead_letter_options,
+    add_rerun_options,
+    cmd_dead_letters,
+    cmd_ledger,
+    cmd_rerun,
+)
+from flows.cli.args import (
+    RUN_EPILOG,
+    HelpFormatter,
+    Parser,
+    add_debug_option,
+    add_job_options,
+    positive_int,
+)
+from flows.cli.running import cmd_demo, cmd_render, cmd_run
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM end the process as an exception does, so its exit handlers run.
+
+    Prefect turns a SIGTERM during a flow run into a crash (the crash hook deletes the Job),
+    then hands the signal to the handler that was there before. With the default one the
+    process dies at once, and the temporary Prefect API server started for a run without
+    ``PREFECT_API_URL`` is left running: it is stopped by an exit handler.
+    """
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
+def _parser() -> Parser:
+    """The `queuejob` parser and its subcommands."""
+    parser = Parser(
+        prog="queuejob",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    add_debug_option(parser, top=True)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run the flow from a terminal",
+        description="Run the queuejob flow from a terminal: queue the items, run a Job whose "
+        "pods run\nthe command after '--' once per item, and report each item's fate.",
+        usage="%(prog)s [options] (ITEM... | --file PATH | --jsonl PATH | --range START STOP) "
+        "-- CMD...",
+        epilog=RUN_EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    add_job_options(run)
+    demo = sub.add_parser("demo", help="the docs' eight items on the local backend")
+    demo.add_argument(
+        "--queue", default="queuejob-demo", help="work queue name (default: %(default)s)"
+    )
+    add_debug_option(demo)
+    render = sub.add_parser(
+        "render",
+        help="print the Secret (redacted) and Job manifests",
+        formatter_class=HelpFormatter,
+    )
+    add_job_options(render)
+    render.add_argument(
+        "--run-id",
+        default="00000000-0000-0000-0000-000000000000",
+        metavar="ID",
+        help="flow-run id to name the objects after (default: all zeros)",
+    )
+    render.add_argument(
+        "--items-count",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="completions for 'auto': the confirmed items (default: %(default)s)",
+    )
+    ledger = sub.add_parser("ledger", help="a finished run's summary and ledger rows")
+    ledger.add_argument("run_id", metavar="RUN_ID", help="the flow run id")
+    ledger.add_argument(
+        "--fate",
+        action="append",
+        choices=["succeeded", "failed", "dead_lettered", "left"],
+        help="only rows of this fate (repeat for several)",
+    )
+    ledger.add_argument(
+        "--ledger-storage",
+        default=None,
+        help="the LocalFileSystem or RemoteFileSystem block the run kept its ledger in",
+    )
+    ledger.add_argument("--format", choices=["table", "jsonl"], default="table")
+    sub.add_parser("worker", help="the pod program (see `queuejob worker --help`)")
+    add_rerun_options(
+        sub.add_parser(
+            "rerun",
+            help="rerun an earlier run's failed, dead-lettered, left items",
+            description="Run an earlier run's items of the given fates again as a new run, "
+            "with their ids and bodies from its ledger and its settings from its report. Any "
+            "option below, and a command after '--', overrides the earlier setting.",
+        )
+    )
+    add_dead_letter_options(
+        sub.add_parser("dead-letters", help="list <QUEUE>.dead, or --requeue it back to QUEUE")
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `queuejob` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        from flows.worker import main as worker_main
+
+        return worker_main(argv[1:])
+    command: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1 :]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd in ("run", "demo", "rerun"):
+        _exit_cleanly_on_sigterm()
+    if args.cmd == "run":
+        return cmd_run(args, command)
+    if args.cmd == "demo":
+        return cmd_demo(args)
+    if args.cmd == "render":
+        return cmd_render(args, command)
+    if args.cmd == "dead-letters":
+        return cmd_dead_letters(args)
+    if args.cmd == "rerun":
+        return cmd_rerun(args, command)
+    if args.cmd == "ledger":
+        return cmd_ledger(args)
+    parser.error(f"unknown command {args.cmd}")
+    return 2
