@@ -290,40 +290,11 @@ def run(ctx: Context) -> FigureResult:
     fig = FigureResult(key=KEY, number=1, title=TITLE, runs=ctx.runs)
     fig.params = {"items": n, "docs_loop_messages": n_docs, "pika_each_messages": n_pika}
     cfg = broker_io.BrokerConfig(url=ctx.broker_url)
-    qj = fig.new_series("queuejob", "classic queue: queuejob fill (confirmed)", "msg/s")
-    qj_older = fig.new_series(
-        "queuejob_classic_v1",
-        "classic queue without the 3.12+ storage arguments: queuejob fill (the previous approach)",
-        "msg/s",
-    )
-    c_client = fig.new_series(
-        "amqp_publish_l", "classic queue: amqp-publish -l -p (C, one process, unconfirmed)", "msg/s"
-    )
-    docs = fig.new_series(
-        "docs_loop",
-        "classic queue: docs' loop, one amqp-publish -p per message",
-        "msg/s",
-        note=f"timed over {n_docs} messages, extrapolated",
-    )
-    pika_each = fig.new_series(
-        "pika_each",
-        "classic queue: pika BlockingConnection, confirm each message",
-        "msg/s",
-        note=f"timed over {n_pika} messages, extrapolated",
-    )
-    c_client_docs = fig.new_series(
-        "amqp_publish_l_docs_queue",
-        "the docs' classic queue (-d, no arguments): amqp-publish -l -p",
-        "msg/s",
-    )
-    qj_q = fig.new_series("queuejob_quorum", "quorum queue: queuejob fill (confirmed)", "msg/s")
-    c_client_q = fig.new_series(
-        "amqp_publish_l_quorum", "quorum queue: amqp-publish -l -p (unconfirmed)", "msg/s"
-    )
-    qj_time = fig.new_series("queuejob_s", f"classic queue: queuejob, {n:,} items", "s")
-    docs_time = fig.new_series(
-        "docs_loop_s", f"classic queue: docs' loop, {n:,} items (extrapolated)", "s"
-    )
+    s = _new_series(fig, n, n_docs, n_pika)
+    qj, qj_older, qj_q = s["queuejob"], s["queuejob_classic_v1"], s["queuejob_quorum"]
+    c_client, c_client_docs = s["amqp_publish_l"], s["amqp_publish_l_docs_queue"]
+    c_client_q, docs, pika_each = s["amqp_publish_l_quorum"], s["docs_loop"], s["pika_each"]
+    qj_time, docs_time = s["queuejob_s"], s["docs_loop_s"]
 
     tool = ensure_amqp_tools()
     work = ctx.scratch(KEY)
@@ -365,6 +336,64 @@ def run(ctx: Context) -> FigureResult:
             t = fill_c_client(cfg, tool, auth, lines, n, "quorum")
             rate(c_client_q, t, n, "quorum, amqp-publish -l")
 
+    _add_targets(fig, s, have_tool=tool is not None)
+    return fig
+
+
+def _new_series(fig: FigureResult, n: int, n_docs: int, n_pika: int) -> dict[str, Series]:
+    qj = fig.new_series("queuejob", "classic queue: queuejob fill (confirmed)", "msg/s")
+    qj_older = fig.new_series(
+        "queuejob_classic_v1",
+        "classic queue without the 3.12+ storage arguments: queuejob fill (the previous approach)",
+        "msg/s",
+    )
+    c_client = fig.new_series(
+        "amqp_publish_l", "classic queue: amqp-publish -l -p (C, one process, unconfirmed)", "msg/s"
+    )
+    docs = fig.new_series(
+        "docs_loop",
+        "classic queue: docs' loop, one amqp-publish -p per message",
+        "msg/s",
+        note=f"timed over {n_docs} messages, extrapolated",
+    )
+    pika_each = fig.new_series(
+        "pika_each",
+        "classic queue: pika BlockingConnection, confirm each message",
+        "msg/s",
+        note=f"timed over {n_pika} messages, extrapolated",
+    )
+    c_client_docs = fig.new_series(
+        "amqp_publish_l_docs_queue",
+        "the docs' classic queue (-d, no arguments): amqp-publish -l -p",
+        "msg/s",
+    )
+    qj_q = fig.new_series("queuejob_quorum", "quorum queue: queuejob fill (confirmed)", "msg/s")
+    c_client_q = fig.new_series(
+        "amqp_publish_l_quorum", "quorum queue: amqp-publish -l -p (unconfirmed)", "msg/s"
+    )
+    qj_time = fig.new_series("queuejob_s", f"classic queue: queuejob, {n:,} items", "s")
+    docs_time = fig.new_series(
+        "docs_loop_s", f"classic queue: docs' loop, {n:,} items (extrapolated)", "s"
+    )
+    return {
+        s.key: s
+        for s in (
+            qj,
+            qj_older,
+            c_client,
+            docs,
+            pika_each,
+            c_client_docs,
+            qj_q,
+            c_client_q,
+            qj_time,
+            docs_time,
+        )
+    }
+
+
+def _add_targets(fig: FigureResult, s: dict[str, Series], *, have_tool: bool) -> None:
+    qj, qj_q = s["queuejob"], s["queuejob_quorum"]
     vs_docs = fig.ratio("classic: queuejob / docs' loop", "queuejob", "docs_loop")
     fig.ratio("classic: queuejob / amqp-publish -l", "queuejob", "amqp_publish_l")
     vs_c = fig.ratio(
@@ -382,7 +411,7 @@ def run(ctx: Context) -> FigureResult:
         "quorum: queuejob / amqp-publish -l", "queuejob_quorum", "amqp_publish_l_quorum"
     )
     fig.ratio("queuejob: quorum / classic", "queuejob_quorum", "queuejob")
-    missing = "" if tool else "amqp-publish unavailable"
+    missing = "" if have_tool else "amqp-publish unavailable"
     for label, value in (("classic", qj.median), ("quorum", qj_q.median)):
         fig.target(
             f"confirmed fill rate, {label} queue",
@@ -414,4 +443,3 @@ def run(ctx: Context) -> FigureResult:
             measured=measured,
             detail=missing,
         )
-    return fig

@@ -21,9 +21,12 @@ within their bound; and the results are absorbed faster than the workers can pro
 
 from __future__ import annotations
 
+from typing import Any
+
 from bench.common import (
     Context,
     FigureResult,
+    Series,
     prefect_env,
     queue_name,
     rounds,
@@ -51,7 +54,8 @@ def _sizes(quick: bool) -> tuple[int, int, int]:
 def run(ctx: Context) -> FigureResult:
     """``ctx.runs`` child processes, each running the three flow runs in ascending size, and
     as many children measuring the results' absorption."""
-    small, mid, large = _sizes(ctx.quick)
+    sizes = _sizes(ctx.quick)
+    small, mid, large = sizes
     fig = FigureResult(key=KEY, number=6, title=TITLE, runs=ctx.runs)
     fig.params = {
         "sizes": [small, mid, large],
@@ -60,32 +64,7 @@ def run(ctx: Context) -> FigureResult:
         "call": CALL,
         "absorb_records": ABSORB_RECORDS,
     }
-    rate = fig.new_series("rate_large", f"{large:,} items: throughput, whole flow", "items/s")
-    wall = fig.new_series("wall_large", f"{large:,} items: flow wall time, end to end", "s")
-    rate_mid = fig.new_series("rate_mid", f"{mid:,} items: throughput, whole flow", "items/s")
-    rate_small = fig.new_series("rate_small", f"{small:,} items: throughput, whole flow", "items/s")
-    idle = fig.new_series("rss_idle", "flow process RSS after a warm-up run", "MB")
-    peak_small = fig.new_series("peak_small", f"flow process peak RSS, {small:,} items", "MB")
-    peak_mid = fig.new_series("peak_mid", f"flow process peak RSS, {mid:,} items", "MB")
-    peak_large = fig.new_series("peak_large", f"flow process peak RSS, {large:,} items", "MB")
-    per_item = fig.new_series(
-        "bytes_per_item", f"peak RSS growth per item, {mid:,} to {large:,}", "B/item"
-    )
-    unacked = fig.new_series(
-        "max_unacked", f"{large:,} items: most outcome records unacknowledged at once", "records"
-    )
-    ledger_size = fig.new_series(
-        "ledger_bytes", f"{large:,} items: final ledger.jsonl size per item", "B/item"
-    )
-    complete = fig.new_series(
-        "ledger_succeeded", f"{large:,} items: succeeded rows in the ledger", "items"
-    )
-    twice = fig.new_series("processed_twice", "items processed more than once", "items")
-    absorb = fig.new_series(
-        "absorb_rate",
-        f"results consumer + ledger (checkpoint, store, ack), {ABSORB_RECORDS:,} records",
-        "records/s",
-    )
+    s = _new_series(fig, sizes)
     work = ctx.scratch(KEY)
     full_ledgers = True
     for _ in rounds(ctx, KEY):
@@ -96,7 +75,7 @@ def run(ctx: Context) -> FigureResult:
             timeout_s=900,
             what="the results absorption",
         )  # fmt: skip
-        absorb.add(out["records"] / out["wall_s"])
+        s["absorb_rate"].add(out["records"] / out["wall_s"])
         out = run_child(
             [
                 "flow-scale",
@@ -115,42 +94,92 @@ def run(ctx: Context) -> FigureResult:
             timeout_s=7200,
             what=f"the {large:,}-item flow run",
         )
-        by_size = {r["items"]: r for r in out["runs"]}
-        a, m, b = by_size[small], by_size[mid], by_size[large]
-        for r in (a, m, b):
-            s = r["summary"]
-            ok = (
-                r["job_phase"] == "Succeeded"
-                and r["ledger_succeeded"] == r["items"]
-                and r["ledger_unique_ids"] == r["items"]
-                and s["succeeded"] == r["items"]
-                and s["left"] == 0
-            )
-            if not ok:
-                full_ledgers = False
-                fig.notes.append(
-                    f"a {r['items']:,}-item run ended {r['job_phase']}: ledger {r['ledger_rows']} "
-                    f"rows, {r['ledger_succeeded']} succeeded; summary {s}"
-                )
-        idle.add(out["rss_idle_kb"] * 1024 / 1e6)
-        peak_small.add(a["max_rss_kb"] * 1024 / 1e6)
-        peak_mid.add(m["max_rss_kb"] * 1024 / 1e6)
-        peak_large.add(b["max_rss_kb"] * 1024 / 1e6)
-        per_item.add((b["max_rss_kb"] - m["max_rss_kb"]) * 1024 / (large - mid))
-        unacked.add(max(r["max_unacked"] or 0 for r in (a, m, b)))
-        ledger_size.add(b["ledger_bytes"] / large)
-        rate.add(large / b["wall_s"])
-        wall.add(b["wall_s"])
-        rate_mid.add(mid / m["wall_s"])
-        rate_small.add(small / a["wall_s"])
-        complete.add(b["ledger_succeeded"])
-        twice.add(b["summary"]["processed_more_than_once"])
-        say(
-            f"  {large:,} items: {b['wall_s']:.1f} s ({large / b['wall_s']:,.0f} items/s), "
-            f"ledger {b['ledger_succeeded']:,} succeeded, peak RSS "
-            f"{b['max_rss_kb'] / 1024:.0f} MiB (after {mid:,}: {m['max_rss_kb'] / 1024:.0f} MiB), "
-            f"at most {b['max_unacked']} records unacknowledged"
+        if not _add_round(fig, s, sizes, out):
+            full_ledgers = False
+    _add_targets(fig, s, sizes, quick=ctx.quick, full_ledgers=full_ledgers)
+    return fig
+
+
+def _new_series(fig: FigureResult, sizes: tuple[int, int, int]) -> dict[str, Series]:
+    small, mid, large = sizes
+    specs = [
+        ("rate_large", f"{large:,} items: throughput, whole flow", "items/s"),
+        ("wall_large", f"{large:,} items: flow wall time, end to end", "s"),
+        ("rate_mid", f"{mid:,} items: throughput, whole flow", "items/s"),
+        ("rate_small", f"{small:,} items: throughput, whole flow", "items/s"),
+        ("rss_idle", "flow process RSS after a warm-up run", "MB"),
+        ("peak_small", f"flow process peak RSS, {small:,} items", "MB"),
+        ("peak_mid", f"flow process peak RSS, {mid:,} items", "MB"),
+        ("peak_large", f"flow process peak RSS, {large:,} items", "MB"),
+        ("bytes_per_item", f"peak RSS growth per item, {mid:,} to {large:,}", "B/item"),
+        ("max_unacked", f"{large:,} items: most outcome records unacknowledged at once", "records"),
+        ("ledger_bytes", f"{large:,} items: final ledger.jsonl size per item", "B/item"),
+        ("ledger_succeeded", f"{large:,} items: succeeded rows in the ledger", "items"),
+        ("processed_twice", "items processed more than once", "items"),
+        (
+            "absorb_rate",
+            f"results consumer + ledger (checkpoint, store, ack), {ABSORB_RECORDS:,} records",
+            "records/s",
+        ),
+    ]
+    return {key: fig.new_series(key, label, unit) for key, label, unit in specs}
+
+
+def _add_round(
+    fig: FigureResult, s: dict[str, Series], sizes: tuple[int, int, int], out: dict[str, Any]
+) -> bool:
+    """One child's three flow runs into the series; False when a run's ledger is not full."""
+    small, mid, large = sizes
+    by_size = {r["items"]: r for r in out["runs"]}
+    a, m, b = by_size[small], by_size[mid], by_size[large]
+    full = True
+    for r in (a, m, b):
+        summary = r["summary"]
+        ok = (
+            r["job_phase"] == "Succeeded"
+            and r["ledger_succeeded"] == r["items"]
+            and r["ledger_unique_ids"] == r["items"]
+            and summary["succeeded"] == r["items"]
+            and summary["left"] == 0
         )
+        if not ok:
+            full = False
+            fig.notes.append(
+                f"a {r['items']:,}-item run ended {r['job_phase']}: ledger {r['ledger_rows']} "
+                f"rows, {r['ledger_succeeded']} succeeded; summary {summary}"
+            )
+    s["rss_idle"].add(out["rss_idle_kb"] * 1024 / 1e6)
+    s["peak_small"].add(a["max_rss_kb"] * 1024 / 1e6)
+    s["peak_mid"].add(m["max_rss_kb"] * 1024 / 1e6)
+    s["peak_large"].add(b["max_rss_kb"] * 1024 / 1e6)
+    s["bytes_per_item"].add((b["max_rss_kb"] - m["max_rss_kb"]) * 1024 / (large - mid))
+    s["max_unacked"].add(max(r["max_unacked"] or 0 for r in (a, m, b)))
+    s["ledger_bytes"].add(b["ledger_bytes"] / large)
+    s["rate_large"].add(large / b["wall_s"])
+    s["wall_large"].add(b["wall_s"])
+    s["rate_mid"].add(mid / m["wall_s"])
+    s["rate_small"].add(small / a["wall_s"])
+    s["ledger_succeeded"].add(b["ledger_succeeded"])
+    s["processed_twice"].add(b["summary"]["processed_more_than_once"])
+    say(
+        f"  {large:,} items: {b['wall_s']:.1f} s ({large / b['wall_s']:,.0f} items/s), "
+        f"ledger {b['ledger_succeeded']:,} succeeded, peak RSS "
+        f"{b['max_rss_kb'] / 1024:.0f} MiB (after {mid:,}: {m['max_rss_kb'] / 1024:.0f} MiB), "
+        f"at most {b['max_unacked']} records unacknowledged"
+    )
+    return full
+
+
+def _add_targets(
+    fig: FigureResult,
+    s: dict[str, Series],
+    sizes: tuple[int, int, int],
+    *,
+    quick: bool,
+    full_ledgers: bool,
+) -> None:
+    _small, mid, large = sizes
+    complete, unacked = s["ledger_succeeded"], s["max_unacked"]
     peak_ratio = fig.ratio(f"peak {large:,} / peak {mid:,}", "peak_large", "peak_mid")
     fig.ratio(f"throughput {large:,} / {mid:,}", "rate_large", "rate_mid")
     fig.target(
@@ -164,7 +193,7 @@ def run(ctx: Context) -> FigureResult:
     )
     fig.target(
         f"flow peak RSS, {large:,} items",
-        peak_large.median,
+        s["peak_large"].median,
         "<=",
         TARGET_PEAK_MB,
         "MB",
@@ -186,10 +215,10 @@ def run(ctx: Context) -> FigureResult:
         "records",
         measured="the flow's results consumer, worst run",
     )
-    if not ctx.quick:
+    if not quick:
         fig.target(
             f"{large:,} items end to end (fill, work, ledger)",
-            wall.median,
+            s["wall_large"].median,
             "<=",
             TARGET_WALL_S,
             "s",
@@ -197,10 +226,9 @@ def run(ctx: Context) -> FigureResult:
         )
     fig.target(
         "results absorbed by the flow",
-        absorb.median,
+        s["absorb_rate"].median,
         ">=",
         TARGET_ABSORB_RATE,
         "records/s",
         measured="results consumer + ledger",
     )
-    return fig

@@ -6,10 +6,11 @@ The flow is five stages, each a function here, passing one `Run` along:
   declare the queues;
 * `fill`: the stale-message check, then fill the queue (a retry finds it filled, or the Job
   made);
-* `launch`: size the Job from the confirmed count, check the caveats before it, create (or
-  adopt) it;
+* `plan_job` and `launch`: size the Job from the confirmed count, check the caveats before it,
+  create (or adopt) it;
 * `watch`: wait for the Job while the outcome records feed the ledger (`wait_for_job`);
-* `report`: the caveats after the run, the saved ledger and report, the artifacts, cleanup.
+* `report`: the caveats after the run, the saved ledger and report; then the artifacts beside
+  it, and `conclude`: fail the run, or clean up, as the outcome and the caveat policy say.
 
 The ledger is an on-disk store fed in batches (`flows.adapters.ledger_store`), checkpointed to
 the run's ledger storage (a Prefect filesystem block, `ledger_storage`) before the outcome
@@ -281,9 +282,11 @@ def run_work_queue(
     try:
         handle = launch(run, ledger, secret, manifest)
         state = watch(run, ledger, handle, timeout_seconds)
-        return report(run, ledger, handle, state, cleanup, caveat_policy)
+        result = report(run, ledger, handle, state, cleanup)
+        run_report.create_artifacts(result, run.findings, ledger)
     finally:
         ledger.close()
+    return conclude(run, state, result, cleanup, caveat_policy)
 
 
 def _as_json(value: Any) -> Any:
@@ -470,16 +473,10 @@ def watch(run: Run, ledger: RunLedger, handle: JobHandle, timeout_seconds: float
 
 
 def report(
-    run: Run,
-    ledger: RunLedger,
-    handle: JobHandle,
-    state: JobState,
-    cleanup: CleanupParams,
-    caveat_policy: Literal["warn", "fail"],
+    run: Run, ledger: RunLedger, handle: JobHandle, state: JobState, cleanup: CleanupParams
 ) -> dict[str, Any]:
-    """Check the caveats after the run, save the ledger, delete what the caller asked to, save
-    the report and show it; then fail the run if the Job failed or the policy says so."""
-    logger = get_run_logger()
+    """Check the caveats after the run, save the ledger, delete the queues if asked (once the
+    ledger is saved), and save and log the report."""
     summary, pod_failures = _check_after(run, ledger, handle, state)
     ledger_path = run.storage.write_rows(run.run_id, ledger.rows())
     # Queues go once the ledger is saved (the outcome records have served), before the report,
@@ -492,12 +489,24 @@ def report(
         )
     result = _report_dict(run, ledger, state, summary, pod_failures, ledger_path, kept)
     run.storage.write_report(run.run_id, {**result, "params": run.params})
-    run_report.create_artifacts(result, run.findings, ledger)
-    run_report.log_summary(logger, summary, run.findings, state)
+    run_report.log_summary(get_run_logger(), summary, run.findings, state)
+    return result
+
+
+def conclude(
+    run: Run,
+    state: JobState,
+    result: dict[str, Any],
+    cleanup: CleanupParams,
+    caveat_policy: Literal["warn", "fail"],
+) -> dict[str, Any]:
+    """Fail the run if the Job failed; after a success, delete what the caller asked to; then
+    apply the caveat policy. The report is saved and shown by now either way."""
     if state.phase is JobPhase.FAILED:
+        s = result["summary"]
         raise JobFailed(
             f"Job {run.name!r} failed: {state.reason} ({state.message}); "
-            f"{summary.succeeded}/{summary.expected} items succeeded; see the report artifact"
+            f"{s['succeeded']}/{s['expected']} items succeeded; see the report artifact"
         )
     if state.phase is JobPhase.SUCCEEDED:
         if cleanup.delete_job:
