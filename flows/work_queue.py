@@ -79,8 +79,8 @@ class Run:
     params: dict[str, Any]  # the flow's parameters as JSON, saved with the report
     items: ItemSource
     n_items: int
-    mode: str
-    backend: str
+    mode: Literal["coarse", "fine"]
+    backend: Literal["kubernetes", "local"]
     cfg: broker_io.BrokerConfig
     qs: broker_io.QueueSettings
     choice: tasks.BackendChoice
@@ -307,8 +307,8 @@ def prepare(
     items: ItemSource,
     queue: QueueParams,
     job: JobParams,
-    mode: str,
-    backend: str,
+    mode: Literal["coarse", "fine"],
+    backend: Literal["kubernetes", "local"],
     broker_block: str | None,
     kubernetes_credentials_block: str | None,
     timeout_seconds: float,

@@ -34,7 +34,7 @@ _PIPE_CHUNK = 65536
 _ORPHAN_PIPE_S = 2.0  # after the command exits, how long a grandchild may hold its pipes
 
 
-def tail(data: bytes | str) -> str:
+def _stderr_tail(data: bytes | str) -> str:
     """The last lines of an item's stderr, for its outcome record."""
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     return "".join(text.splitlines(keepends=True)[-TAIL_LINES:])[-TAIL_CHARS:]
@@ -58,7 +58,7 @@ def call_item(fn: Callable[[bytes], Any], body: bytes) -> Result:
     except BaseException:
         text = traceback.format_exc()
         sys.stderr.write(text)
-        return Result(1, tail(text))
+        return Result(1, _stderr_tail(text))
     return Result(0)
 
 
@@ -134,7 +134,7 @@ class Executor:
             return Result(127 if isinstance(exc, FileNotFoundError) else 126, tail)
         self._proc = proc
         try:
-            tail = tail(self._pump(proc, body))
+            tail = _stderr_tail(self._pump(proc, body))
             return Result(proc.returncode, tail)
         finally:
             self._proc = None
