@@ -81,7 +81,6 @@ class Worker:
         self.deliveries: deque[tuple[Any, Any, bytes]] = deque()
         self.conn: Any = None
         self.work: Any = None
-        self.pub: Any = None
         self.consumer_tag: str | None = None
         self.out: OutcomePublisher  # set once connected (see _serve)
         self.failed = 0
@@ -167,7 +166,6 @@ class Worker:
             io=self._io,
             where=self.cfg.describe(),
         )
-        self.pub = pub
         work = conn.channel()
         try:
             work.queue_declare(self.qs.name, passive=True)

@@ -68,6 +68,7 @@ class OutcomePublisher:
         self.confirms: deque[tuple[int, bool, bool]] = deque()
         self.settling: deque[Settle] = deque()
         self.refused: str | None = None  # the item whose record the broker refused
+        self.channel: Any = None
         self._publish_raw: Callable[..., Any] | None = None
 
     def confirm_mode(
@@ -85,6 +86,7 @@ class OutcomePublisher:
             if time.monotonic() > deadline:
                 raise BrokerUnavailable(f"broker at {where} did not turn on publisher confirms")
             io(0.25)
+        self.channel = pub  # held here: the publisher owns its channel
         self._publish_raw = impl.basic_publish
 
     # -- broker callbacks (they only take note; `settle` acts) ----------------------------------

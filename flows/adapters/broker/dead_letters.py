@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,18 +238,25 @@ def requeue_dead_letters(
     return RequeueResult(requeued=requeued, already_requeued=already, remaining=remaining)
 
 
-def _read_records(ch: Any, cfg: BrokerConfig, queue: str) -> dict[str, list[int]]:
-    """token -> delivery tags of the records in ``queue``, fetched and left unacked."""
-    out: dict[str, list[int]] = {}
+def _take_records(ch: Any, cfg: BrokerConfig, queue: str) -> Iterator[tuple[str, int]]:
+    """(token, delivery tag) of each record in ``queue``, fetched and left unacked, until the
+    queue has no more."""
     try:
         while True:
             method, props, _body = ch.basic_get(queue, auto_ack=False)
             if method is None:
-                return out
-            token = header_str((props.headers or {}).get(HEADER_TOKEN)) or ""
-            out.setdefault(token, []).append(method.delivery_tag)
+                return
+            yield header_str((props.headers or {}).get(HEADER_TOKEN)) or "", method.delivery_tag
     except pex.ChannelClosedByBroker as exc:
         raise channel_error(exc, cfg, queue) from None
+
+
+def _read_records(ch: Any, cfg: BrokerConfig, queue: str) -> dict[str, list[int]]:
+    """token -> delivery tags of the records in ``queue``, fetched and left unacked."""
+    out: dict[str, list[int]] = {}
+    for token, tag in _take_records(ch, cfg, queue):
+        out.setdefault(token, []).append(tag)
+    return out
 
 
 def _ack_records(
@@ -264,16 +271,9 @@ def _ack_records(
             for tag in tags:
                 ch.basic_ack(tag)
     # The records published by this requeue follow the ones read at the start.
-    try:
-        while True:
-            method, props, _body = ch.basic_get(queue, auto_ack=False)
-            if method is None:
-                return
-            token = header_str((props.headers or {}).get(HEADER_TOKEN)) or ""
-            if token in done or not token:
-                ch.basic_ack(method.delivery_tag)
-    except pex.ChannelClosedByBroker as exc:
-        raise channel_error(exc, cfg, queue) from None
+    for token, tag in _take_records(ch, cfg, queue):
+        if token in done or not token:
+            ch.basic_ack(tag)
 
 
 def _publish_back(

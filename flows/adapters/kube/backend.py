@@ -305,15 +305,18 @@ class KubeBackend:
         )
         return handle
 
+    def _delete_secret(self, namespace: str, name: str) -> None:
+        self._json(
+            self._core.delete_namespaced_secret,
+            name,
+            namespace,
+            op=KubeOp("delete", "secrets", namespace, name),
+            tolerate=(404,),
+        )
+
     def _delete_secret_quietly(self, namespace: str, name: str) -> None:
         try:
-            self._json(
-                self._core.delete_namespaced_secret,
-                name,
-                namespace,
-                op=KubeOp("delete", "secrets", namespace, name),
-                tolerate=(404,),
-            )
+            self._delete_secret(namespace, name)
         except QueueJobError as exc:
             log.warning(
                 "could not delete Secret %s/%s after a failed create: %s", namespace, name, exc
@@ -537,13 +540,7 @@ class KubeBackend:
         for item in secrets.get("items") or []:
             name = (item.get("metadata") or {}).get("name")
             if name:
-                self._json(
-                    self._core.delete_namespaced_secret,
-                    name,
-                    namespace,
-                    op=KubeOp("delete", "secrets", namespace, name),
-                    tolerate=(404,),
-                )
+                self._delete_secret(namespace, name)
         return deleted
 
     def check_namespace(self, namespace: str) -> None:
