@@ -8,23 +8,40 @@ STAMP  := $(VENV)/.installed
 BROKER := $(PY) scripts/broker.py run --
 PYTEST_ARGS ?=
 
-.PHONY: all demo test lint bench venv clean test-k8s
+.PHONY: all demo test lint bench venv clean test-k8s FORCE
 
 all: test
 
-$(STAMP): pyproject.toml
+# The repository's flows/ and blocks/ are installed as queuejob.flows and queuejob.blocks. The
+# editable install is setuptools' strict mode: a tree of links under build/ that mypy and
+# import-linter read like any installed package. It links the files there were at install time,
+# so the install is redone when the list of package files changes (FILES), not only pyproject.
+FILES  := $(VENV)/.package-files
+PACKAGE_FILES := $(sort $(shell find flows blocks -name '*.py' -o -name py.typed))
+
+$(FILES): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(PACKAGE_FILES)' | cmp -s - $@ || echo '$(PACKAGE_FILES)' > $@
+
+$(STAMP): pyproject.toml $(FILES)
 	@echo "[setup] creating $(VENV) and installing queuejob with its dev tools"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' \
+		--config-settings editable_mode=strict
 	@touch $(STAMP)
+
+FORCE:
 
 venv: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	@# mypy reads the package through the install's links: name the repository's files instead.
+	@out=$$($(VENV)/bin/mypy 2>&1); rc=$$?; printf '%s\n' "$$out" | sed -E \
+		-e 's#build/__editable__[^/]*/queuejob/__init__\.py#flows/_queuejob/__init__.py#' \
+		-e 's#build/__editable__[^/]*/queuejob/(flows|blocks)/#\1/#'; exit $$rc
 	$(VENV)/bin/lint-imports
 
 test: lint
@@ -47,4 +64,4 @@ bench: $(STAMP)
 	$(BROKER) $(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .cache .pytest_cache .mypy_cache .ruff_cache

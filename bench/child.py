@@ -46,8 +46,8 @@ def emit(obj: dict[str, Any]) -> None:
 
 def cmd_fill(ns: argparse.Namespace) -> int:
     """Declare the queue, fill it from a text file, report time and memory."""
-    from flows.adapters import broker as broker_io
-    from flows.core.items import ItemSource, iter_items
+    from queuejob.flows.adapters import broker as broker_io
+    from queuejob.flows.core.items import ItemSource, iter_items
 
     cfg = broker_io.BrokerConfig(url=os.environ["QUEUEJOB_TEST_BROKER_URL"])
     qs = broker_io.QueueSettings(name=ns.queue, queue_type=ns.queue_type)
@@ -93,7 +93,7 @@ def _flow_kwargs(
     delete_job: bool,
     timeout_s: float,
 ) -> dict[str, Any]:
-    from flows.params import CleanupParams, JobParams, QueueParams
+    from queuejob.flows.params import CleanupParams, JobParams, QueueParams
 
     return {
         "items": items,
@@ -114,11 +114,11 @@ def _flow_kwargs(
 
 def _direct_run(queue: str, items: list[str], *, parallelism: int, idle_timeout_s: float) -> Any:
     """The flow's steps called directly (no Prefect): the baseline of the flow's overhead."""
-    from flows.adapters import broker as broker_io
-    from flows.adapters.local import LocalBackend
-    from flows.core.items import ItemSource, iter_items
-    from flows.core.ledger import Ledger
-    from flows.core.manifest import JobSpec, build_job, build_secret, secret_name
+    from queuejob.flows.adapters import broker as broker_io
+    from queuejob.flows.adapters.local import LocalBackend
+    from queuejob.flows.core.items import ItemSource, iter_items
+    from queuejob.flows.core.ledger import Ledger
+    from queuejob.flows.core.manifest import JobSpec, build_job, build_secret, secret_name
 
     start = time.perf_counter()
     run_id = str(uuid.uuid4())
@@ -171,9 +171,9 @@ def _flow_run(
 ) -> dict[str, Any]:
     """One flow run on the docs' items, keeping the Job so its pods' times can be read; the
     Job is then deleted here, timed, as the flow's own cleanup would have done."""
-    from flows.adapters.local import LocalBackend
-    from flows.core.items import ItemSource
-    from flows.work_queue import run_work_queue
+    from queuejob.flows.adapters.local import LocalBackend
+    from queuejob.flows.core.items import ItemSource
+    from queuejob.flows.work_queue import run_work_queue
 
     kwargs = _flow_kwargs(
         queue,
@@ -235,8 +235,8 @@ def cmd_flow_overhead(ns: argparse.Namespace) -> int:
 def cmd_flow_scale(ns: argparse.Namespace) -> int:
     """A small warm-up flow run, then one fine-mode run per size in ``--items`` (ascending), each
     followed by its peak RSS so far: the peak of a larger run cannot hide in a smaller one's."""
-    from flows.core.items import ItemSource
-    from flows.work_queue import run_work_queue
+    from queuejob.flows.core.items import ItemSource
+    from queuejob.flows.work_queue import run_work_queue
 
     prefix = ns.queue_prefix
     common: dict[str, Any] = {
@@ -298,11 +298,11 @@ def cmd_results_absorb(ns: argparse.Namespace) -> int:
 
     import pika
 
-    from flows.adapters import broker as broker_io
-    from flows.adapters.ledger_store import RunLedger
-    from flows.core.ledger import SUCCEEDED, OutcomeRecord
-    from flows.monitor import RunMonitor
-    from flows.storage import open_storage
+    from queuejob.flows.adapters import broker as broker_io
+    from queuejob.flows.adapters.ledger_store import RunLedger
+    from queuejob.flows.core.ledger import SUCCEEDED, OutcomeRecord
+    from queuejob.flows.monitor import RunMonitor
+    from queuejob.flows.storage import open_storage
 
     cfg = broker_io.BrokerConfig(url=os.environ["QUEUEJOB_BROKER_URL"])
     qs = broker_io.QueueSettings(name=ns.queue)

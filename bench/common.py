@@ -344,7 +344,7 @@ def _ram_gib() -> float | None:
 
 def rabbitmq_version(broker_url: str) -> str:
     """The broker's product and version, from its AMQP handshake."""
-    from flows.adapters import broker as broker_io
+    from queuejob.flows.adapters import broker as broker_io
 
     try:
         conn = broker_io.connect(broker_io.BrokerConfig(url=broker_url))

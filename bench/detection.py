@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BenchError, Context, FigureResult, rounds, say
-from flows.core.backend import JobBackend, JobHandle
-from flows.core.job_status import JobState, job_state
-from flows.core.manifest import JobSpec, build_job, build_secret, secret_name
+from queuejob.flows.core.backend import JobBackend, JobHandle
+from queuejob.flows.core.job_status import JobState, job_state
+from queuejob.flows.core.manifest import JobSpec, build_job, build_secret, secret_name
 
 KEY = "detection"
 TITLE = "Completion detection: last pod's exit to the wait returning"
@@ -123,7 +123,7 @@ def fake_kube_backend(
     """A `KubeBackend` on a fresh fake API server, and a status reader for the poll."""
     from kubernetes.client import BatchV1Api
 
-    from flows.adapters.kube import KubeBackend
+    from queuejob.flows.adapters.kube import KubeBackend
     from tests.fakekube import FakeKubeServer
 
     fake = FakeKubeServer()
@@ -151,7 +151,7 @@ def local_backend(
     workdir: Path,
 ) -> Iterator[tuple[JobBackend, Callable[[JobHandle], dict[str, Any]]]]:
     """A `LocalBackend` with its own state directory, and a status reader for the poll."""
-    from flows.adapters.local import LocalBackend
+    from queuejob.flows.adapters.local import LocalBackend
 
     backend = LocalBackend(state_dir=workdir / "local-jobs")
 

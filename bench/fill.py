@@ -50,8 +50,8 @@ from bench.common import (
     say,
     wait_until,
 )
-from flows.adapters import broker as broker_io
-from flows.core.items import ItemSource, iter_items
+from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.core.items import ItemSource, iter_items
 
 KEY = "fill"
 TITLE = "Fill: 100,000 small persistent items into a durable queue"

@@ -21,7 +21,7 @@ from bench.common import (
     run_child,
     say,
 )
-from flows.adapters import broker as broker_io
+from queuejob.flows.adapters import broker as broker_io
 
 KEY = "memory"
 TITLE = "Memory: peak RSS of a fill from a file, 1,000,000 vs 100,000 items"

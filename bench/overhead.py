@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BenchError, Context, FigureResult, child_env, queue_name, rounds, say
-from flows.adapters import broker as broker_io
-from flows.adapters.local import LocalBackend
-from flows.core.items import ItemSource, iter_items
-from flows.core.ledger import Ledger
-from flows.core.manifest import JobSpec, build_job, build_secret, secret_name
+from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.adapters.local import LocalBackend
+from queuejob.flows.core.items import ItemSource, iter_items
+from queuejob.flows.core.ledger import Ledger
+from queuejob.flows.core.manifest import JobSpec, build_job, build_secret, secret_name
 
 KEY = "overhead"
 TITLE = (
@@ -76,7 +76,15 @@ def worker_pace(cfg: broker_io.BrokerConfig, n: int) -> float:
     qs = _filled(cfg, n, run_id)
     try:
         env = child_env({"BROKER_URL": cfg.url, "QUEUE": qs.name, "QUEUEJOB_RUN_ID": run_id})
-        argv = [sys.executable, "-m", "flows.worker", "--mode", "fine", "--idle-timeout", "0.5"]
+        argv = [
+            sys.executable,
+            "-m",
+            "queuejob.flows.worker",
+            "--mode",
+            "fine",
+            "--idle-timeout",
+            "0.5",
+        ]
         done = subprocess.run(
             [*argv, "--call", "bench.trivial:noop"],
             env=env,

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from flows.core.validation import readable_errors
+from queuejob.flows.core.validation import readable_errors
 
 __all__ = ["readable_errors"]

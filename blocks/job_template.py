@@ -1,8 +1,8 @@
 """What a run's worker Job looks like, kept as a Prefect block.
 
-The block holds every field of `flows.core.manifest.JobSpec` (per-run values such as the run id,
-the queue and completions are not part of either) with the same bounds, in the shapes the UI's
-forms handle (lists rather than tuples). `WorkQueueJobTemplate.to_job_spec` applies a run's
+The block holds every field of `queuejob.flows.core.manifest.JobSpec` (per-run values such as
+the run id, the queue and completions are not part of either) with the same bounds, in the shapes
+the UI's forms handle (lists rather than tuples). `WorkQueueJobTemplate.to_job_spec` applies a run's
 overrides and returns the validated `JobSpec` the manifest builder takes.
 """
 
@@ -13,9 +13,9 @@ from typing import Any, Literal
 from prefect.blocks.core import Block
 from pydantic import Field, ValidationError, model_validator
 
-from blocks._validation import readable_errors
-from flows.core.errors import InvalidInput
-from flows.core.manifest import MAX_NAME, RUN_SUFFIX_LEN, JobSpec
+from queuejob.blocks._validation import readable_errors
+from queuejob.flows.core.errors import InvalidInput
+from queuejob.flows.core.manifest import MAX_NAME, RUN_SUFFIX_LEN, JobSpec
 
 # The JSON-schema pattern lets the UI reject a bad namespace before the block is saved.
 _DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

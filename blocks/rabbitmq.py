@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
-from blocks._validation import readable_errors
-from flows.core.errors import ConfigError
+from queuejob.blocks._validation import readable_errors
+from queuejob.flows.core.errors import ConfigError
 
 DEFAULT_PORT = 5672
 DEFAULT_TLS_PORT = 5671

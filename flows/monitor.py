@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flows.adapters import broker as broker_io
-from flows.adapters.ledger_store import RunLedger
-from flows.core import caveats
-from flows.core.errors import BrokerUnavailable, LedgerStorageError
-from flows.core.job_status import JobState
+from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.adapters.ledger_store import RunLedger
+from queuejob.flows.core import caveats
+from queuejob.flows.core.errors import BrokerUnavailable, LedgerStorageError
+from queuejob.flows.core.job_status import JobState
 
 DEFAULT_MAX_UNACKED = 10_000
 # One on_update keeps taking full batches for at most this long, so a burst of records is

@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flows.core.errors import InvalidInput
-from flows.core.items import ItemSource
-from flows.core.manifest import JobSpec
-from flows.core.validation import readable_errors
+from queuejob.flows.core.errors import InvalidInput
+from queuejob.flows.core.items import ItemSource
+from queuejob.flows.core.manifest import JobSpec
+from queuejob.flows.core.validation import readable_errors
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 # The image of a local-backend run that names none: the pods are local processes, no image is

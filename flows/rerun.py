@@ -20,11 +20,11 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-from flows.core.items import ItemSource
-from flows.core.rerun import parse_fates, rerun_params
-from flows.params import CleanupParams, JobParams, QueueParams
-from flows.storage import open_storage
-from flows.work_queue import run_work_queue
+from queuejob.flows.core.items import ItemSource
+from queuejob.flows.core.rerun import parse_fates, rerun_params
+from queuejob.flows.params import CleanupParams, JobParams, QueueParams
+from queuejob.flows.storage import open_storage
+from queuejob.flows.work_queue import run_work_queue
 
 Fate = Literal["succeeded", "failed", "dead_lettered", "left"]
 

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.core import caveats
-from flows.core.job_status import JobState
-from flows.core.ledger import LedgerSummary
+from queuejob.flows.core import caveats
+from queuejob.flows.core.job_status import JobState
+from queuejob.flows.core.ledger import LedgerSummary
 
 if TYPE_CHECKING:
-    from flows.adapters.ledger_store import RunLedger
+    from queuejob.flows.adapters.ledger_store import RunLedger
 
 TABLE_ROW_CAP = 500
 TABLE_BODY_CAP = 200

@@ -1,8 +1,8 @@
 """Which ledger storage a run uses: a Prefect filesystem block by name, or the default directory.
 
-The storage itself (`flows.adapters.ledger_storage.LedgerStorage`) is plain fsspec and knows
-nothing of Prefect; resolving a block name needs Prefect's block registry, so it lives here, above
-the adapters, for the flow, its tasks and the CLI.
+The storage itself (`queuejob.flows.adapters.ledger_storage.LedgerStorage`) is plain fsspec and
+knows nothing of Prefect; resolving a block name needs Prefect's block registry, so it lives here,
+above the adapters, for the flow, its tasks and the CLI.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.adapters.ledger_storage import (
+from queuejob.flows.adapters.ledger_storage import (
     LEDGER_DIR_ENV,
     LedgerStorage,
     default_ledger_dir,
     local_storage,
 )
-from flows.core.errors import InvalidInput, LedgerStorageError
+from queuejob.flows.core.errors import InvalidInput, LedgerStorageError
 
 
 def open_storage(block_name: str | None) -> LedgerStorage:

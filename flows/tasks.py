@@ -2,7 +2,7 @@
 
 Each task calls one adapter. Tasks take serializable config (a `BrokerConfig`, `QueueSettings`,
 a `BackendChoice`, manifest dicts), never live connections. Retries key on
-`flows.core.errors.RetryableError`: a refused connection or a 503 is retried with jittered
+`queuejob.flows.core.errors.RetryableError`: a refused connection or a 503 is retried with jittered
 back-off; bad credentials, a 422 or a conflicting queue are not. Side effects are idempotent by
 design (the fill's marker, the Job's run label), so a retry - or a retry of the whole flow run in a
 fresh pod, without Prefect's result cache - never duplicates items or Jobs.
@@ -20,12 +20,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
-from flows.adapters import broker as broker_io
-from flows.core.backend import JobBackend, JobHandle
-from flows.core.errors import ConfigError, InvalidInput, RetryableError
-from flows.core.items import Item, ItemSource, iter_items
-from flows.core.manifest import JobSpec
-from flows.params import JobParams, job_spec_for_run
+from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.core.backend import JobBackend, JobHandle
+from queuejob.flows.core.errors import ConfigError, InvalidInput, RetryableError
+from queuejob.flows.core.items import Item, ItemSource, iter_items
+from queuejob.flows.core.manifest import JobSpec
+from queuejob.flows.params import JobParams, job_spec_for_run
 
 BROKER_URL_ENV = "QUEUEJOB_BROKER_URL"
 
@@ -70,10 +70,10 @@ def make_backend(choice: BackendChoice) -> JobBackend:
     if choice.kind == "local":
         from pathlib import Path
 
-        from flows.adapters.local import LocalBackend
+        from queuejob.flows.adapters.local import LocalBackend
 
         return LocalBackend(state_dir=Path(choice.state_dir) if choice.state_dir else None)
-    from flows.adapters.kube import KubeBackend
+    from queuejob.flows.adapters.kube import KubeBackend
 
     cluster_config: dict[str, Any] | None = None
     context: str | None = None
@@ -104,7 +104,7 @@ def make_backend(choice: BackendChoice) -> JobBackend:
 def resolve_broker(broker_block: str | None) -> broker_io.BrokerConfig:
     """The broker: a RabbitMQBroker block by name, else the QUEUEJOB_BROKER_URL environment."""
     if broker_block:
-        from blocks import RabbitMQBroker
+        from queuejob.blocks import RabbitMQBroker
 
         try:
             blk = cast(RabbitMQBroker, RabbitMQBroker.load(broker_block))
@@ -132,7 +132,7 @@ def resolve_job_spec(job: JobParams, mode: str, backend: str) -> JobSpec:
     """The run's `JobSpec`: a WorkQueueJobTemplate block with the run's overrides on top, else
     the `job` parameter alone (explaining a field a deployment's `job` had and the run lost)."""
     if job.template_block:
-        from blocks import WorkQueueJobTemplate
+        from queuejob.blocks import WorkQueueJobTemplate
 
         try:
             template = cast(WorkQueueJobTemplate, WorkQueueJobTemplate.load(job.template_block))
@@ -210,8 +210,8 @@ def source_items(source: ItemSource) -> Iterator[Item]:
     (`LedgerNotFound` names the run and the location when it has none)."""
     if source.kind != "ledger":
         return iter_items(source)
-    from flows.core.rerun import fate_statuses
-    from flows.storage import open_storage
+    from queuejob.flows.core.rerun import fate_statuses
+    from queuejob.flows.storage import open_storage
 
     assert source.run_id is not None  # the model requires it for kind 'ledger'
     storage = open_storage(source.ledger_storage)
@@ -276,7 +276,7 @@ def check_namespace(choice: BackendChoice, namespace: str) -> None:
     local backend has no namespaces to check)."""
     if choice.kind != "kubernetes":
         return
-    from flows.adapters.kube import KubeBackend
+    from queuejob.flows.adapters.kube import KubeBackend
 
     backend = make_backend(choice)
     if isinstance(backend, KubeBackend):
@@ -320,7 +320,7 @@ def delete_queues(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> d
 def check_ledger_storage(block_name: str | None, run_id: str) -> str:
     """Open the ledger storage (a LocalFileSystem / RemoteFileSystem block, or the default
     directory) and check that the run's ledger can be written there; return its location."""
-    from flows.storage import open_storage
+    from queuejob.flows.storage import open_storage
 
     storage = open_storage(block_name)
     storage.check_writable(run_id)

@@ -12,10 +12,10 @@ The flow is five stages, each a function here, passing one `Run` along:
 * `report`: the caveats after the run, the saved ledger and report; then the artifacts beside
   it, and `conclude`: fail the run, or clean up, as the outcome and the caveat policy say.
 
-The ledger is an on-disk store fed in batches (`flows.adapters.ledger_store`), checkpointed to
-the run's ledger storage (a Prefect filesystem block, `ledger_storage`) before the outcome
-records in each batch are acknowledged; at the end the storage gets the final ledger (one JSON
-row per item) and the report. The storage is checked for writing before anything else happens.
+The ledger is an on-disk store fed in batches (`queuejob.flows.adapters.ledger_store`),
+checkpointed to the run's ledger storage (a Prefect filesystem block, `ledger_storage`) before the
+outcome records in each batch are acknowledged; at the end the storage gets the final ledger (one
+JSON row per item) and the report. The storage is checked for writing before anything else happens.
 
 A retry of the flow run (same flow-run id) re-attaches: the fill's marker makes the fill a no-op,
 the Job's run label makes create adopt it, the ledger is rebuilt from the checkpoints in the
@@ -39,17 +39,17 @@ from prefect.runtime import flow_run as runtime_flow_run
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
-from flows import run_report, tasks
-from flows.adapters import broker as broker_io
-from flows.adapters.ledger_storage import LedgerStorage
-from flows.adapters.ledger_store import RunLedger
-from flows.core import caveats
-from flows.core.backend import JobHandle
-from flows.core.errors import InvalidInput, JobFailed, QueueJobError
-from flows.core.items import ItemSource
-from flows.core.job_status import JobPhase, JobState
-from flows.core.ledger import LedgerSummary
-from flows.core.manifest import (
+from queuejob.flows import run_report, tasks
+from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.adapters.ledger_storage import LedgerStorage
+from queuejob.flows.adapters.ledger_store import RunLedger
+from queuejob.flows.core import caveats
+from queuejob.flows.core.backend import JobHandle
+from queuejob.flows.core.errors import InvalidInput, JobFailed, QueueJobError
+from queuejob.flows.core.items import ItemSource
+from queuejob.flows.core.job_status import JobPhase, JobState
+from queuejob.flows.core.ledger import LedgerSummary
+from queuejob.flows.core.manifest import (
     ITEMS_ANNOTATION,
     JobSpec,
     build_job,
@@ -58,9 +58,9 @@ from flows.core.manifest import (
     run_labels,
     secret_name,
 )
-from flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
-from flows.params import CleanupParams, JobParams, QueueParams, default_items
-from flows.storage import open_storage
+from queuejob.flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
+from queuejob.flows.params import CleanupParams, JobParams, QueueParams, default_items
+from queuejob.flows.storage import open_storage
 
 # Fault injection for tests, on a flow run's first attempt only: "crash-after-create-job", or
 # "crash-after-wait" (the Job is done and its records read, the ledger not yet saved).

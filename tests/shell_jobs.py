@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.core.manifest import JobSpec, build_job, build_secret, secret_name
+from queuejob.flows.core.manifest import JobSpec, build_job, build_secret, secret_name
 
 IMAGE = "registry.example.invalid/queuejob-worker:1.0"
 

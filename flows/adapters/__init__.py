@@ -1,4 +1,4 @@
-"""I/O only: each adapter translates its library's exceptions into flows.core.errors.
+"""I/O only: each adapter translates its library's exceptions into queuejob.flows.core.errors.
 
 Packages and modules: `broker` (RabbitMQ through pika), `kube` (the Kubernetes Job backend),
 `local` (the local Job backend: pods as processes), `ledger_storage` (a run's files in a

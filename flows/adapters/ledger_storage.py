@@ -35,7 +35,7 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from flows.core.errors import InvalidInput, LedgerNotFound, LedgerStorageError
+from queuejob.flows.core.errors import InvalidInput, LedgerNotFound, LedgerStorageError
 
 LEDGER_DIR_ENV = "QUEUEJOB_LEDGER_DIR"
 LEDGER_FILE = "ledger.jsonl"
@@ -73,7 +73,7 @@ def normalize_fates(fates: Collection[str] | None) -> frozenset[str] | None:
 class LedgerStorage:
     """A run ledger's storage: one directory per run under a base path, through fsspec.
 
-    Build it with `flows.storage.open_storage` (a block by name) or `local_storage`.
+    Build it with `queuejob.flows.storage.open_storage` (a block by name) or `local_storage`.
     Paths given to the methods are relative to the run's directory.
     """
 

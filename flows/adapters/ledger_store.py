@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.adapters.ledger_storage import LedgerStorage
-from flows.core.errors import LedgerStorageError
-from flows.core.items import Item
-from flows.core.ledger import (
+from queuejob.flows.adapters.ledger_storage import LedgerStorage
+from queuejob.flows.core.errors import LedgerStorageError
+from queuejob.flows.core.items import Item
+from queuejob.flows.core.ledger import (
     FATE_DEAD,
     FATE_FAILED,
     FATE_LEFT,

@@ -5,7 +5,7 @@
   queuejob render [options] -- CMD ...        print the Secret (redacted) and Job it would create
   queuejob ledger RUN_ID [--fate F] [--ledger-storage BLOCK] [--format table|jsonl]
                                               a finished run's summary and ledger rows
-  queuejob worker [worker options] -- CMD ... the pod program (same as python -m flows.worker)
+  queuejob worker [worker options] -- CMD ... the pod program (python -m queuejob.flows.worker)
   queuejob rerun RUN_ID [--fate F] [options]  an earlier run's failed items as a new run
   queuejob dead-letters QUEUE [--requeue]     list <QUEUE>.dead, or move it back to QUEUE
 
@@ -26,14 +26,14 @@ from __future__ import annotations
 import signal
 import sys
 
-from flows.cli.after_run import (
+from queuejob.flows.cli.after_run import (
     add_dead_letter_options,
     add_rerun_options,
     cmd_dead_letters,
     cmd_ledger,
     cmd_rerun,
 )
-from flows.cli.args import (
+from queuejob.flows.cli.args import (
     RUN_EPILOG,
     HelpFormatter,
     Parser,
@@ -41,7 +41,7 @@ from flows.cli.args import (
     add_job_options,
     positive_int,
 )
-from flows.cli.running import cmd_demo, cmd_render, cmd_run
+from queuejob.flows.cli.running import cmd_demo, cmd_render, cmd_run
 
 
 def _exit_cleanly_on_sigterm() -> None:
@@ -59,6 +59,13 @@ def _exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit)
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source)."""
+    import queuejob
+
+    return str(queuejob.__version__)
+
+
 def _parser() -> Parser:
     """The `queuejob` parser and its subcommands."""
     parser = Parser(
@@ -67,6 +74,12 @@ def _parser() -> Parser:
         formatter_class=HelpFormatter,
     )
     add_debug_option(parser, top=True)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_version()}",
+        help="print queuejob's version and exit",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser(
         "run",
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `queuejob` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
-        from flows.worker import main as worker_main
+        from queuejob.flows.worker import main as worker_main
 
         return worker_main(argv[1:])
     command: list[str] = []

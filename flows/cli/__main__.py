@@ -1,7 +1,7 @@
-"""``python -m flows.cli``: the `queuejob` command."""
+"""``python -m queuejob.flows.cli``: the `queuejob` command."""
 
 import sys
 
-from flows.cli import main
+from queuejob.flows.cli import main
 
 sys.exit(main())

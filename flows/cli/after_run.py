@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     pass
 
-from flows.cli.args import add_job_options, positive_int
-from flows.cli.running import prefect_api_problem, prepare_prefect, print_summary, run_flow
+from queuejob.flows.cli.args import add_job_options, positive_int
+from queuejob.flows.cli.running import prefect_api_problem, prepare_prefect, print_summary, run_flow
 
 # --- rerun -------------------------------------------------------------------------------------
 
@@ -86,7 +86,7 @@ def _rerun_overrides(args: argparse.Namespace, command: list[str]) -> dict[str, 
 
 
 def cmd_rerun(args: argparse.Namespace, command: list[str]) -> int:
-    from flows.core.errors import QueueJobError
+    from queuejob.flows.core.errors import QueueJobError
 
     given = [name for name in ITEM_OPTIONS if getattr(args, name, None)]
     if given:
@@ -97,8 +97,8 @@ def cmd_rerun(args: argparse.Namespace, command: list[str]) -> int:
         )
         return 2
     try:
-        from flows.core.rerun import parse_fates, rerun_params
-        from flows.storage import open_storage
+        from queuejob.flows.core.rerun import parse_fates, rerun_params
+        from queuejob.flows.storage import open_storage
 
         fates = parse_fates(args.fate)
         # The earlier run's report: an unknown run or a missing ledger stops here, before
@@ -111,7 +111,7 @@ def cmd_rerun(args: argparse.Namespace, command: list[str]) -> int:
             ledger_storage=args.ledger_storage,
             overrides=_rerun_overrides(args, command),
         )
-        from flows.rerun import flow_kwargs
+        from queuejob.flows.rerun import flow_kwargs
 
         kwargs = flow_kwargs(params)
     except (QueueJobError, ValueError) as exc:
@@ -140,11 +140,11 @@ def _broker_config(broker_block: str | None) -> Any:
     """The broker from a RabbitMQBroker block, else QUEUEJOB_BROKER_URL (without importing
     Prefect when no block is named)."""
     if broker_block:
-        from flows.tasks import resolve_broker
+        from queuejob.flows.tasks import resolve_broker
 
         return resolve_broker(broker_block)
-    from flows.adapters.broker import BrokerConfig
-    from flows.core.errors import ConfigError
+    from queuejob.flows.adapters.broker import BrokerConfig
+    from queuejob.flows.core.errors import ConfigError
 
     url = os.environ.get("QUEUEJOB_BROKER_URL")
     if not url:
@@ -183,10 +183,10 @@ def _short(run_id: str | None) -> str:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from flows.adapters.broker import QueueSettings
-    from flows.adapters.broker import dead_letters as dl
-    from flows.core.dead_letters import plural
-    from flows.core.errors import QueueJobError
+    from queuejob.flows.adapters.broker import QueueSettings
+    from queuejob.flows.adapters.broker import dead_letters as dl
+    from queuejob.flows.core.dead_letters import plural
+    from queuejob.flows.core.errors import QueueJobError
 
     try:
         qs = QueueSettings(args.queue)
@@ -222,9 +222,9 @@ def _ledger_details(letters: list[Any], ledger_storage: str | None) -> dict[tupl
     """(run id, item id) -> (attempts, exit code, error tail) from the runs' ledgers, for the
     dead letters listed; runs without a stored ledger are skipped. For a quorum queue's dead
     letter without a ledger row, attempts come from the run's delivery limit."""
-    from flows.core.dead_letters import attempts_from
-    from flows.core.errors import QueueJobError
-    from flows.storage import open_storage
+    from queuejob.flows.core.dead_letters import attempts_from
+    from queuejob.flows.core.errors import QueueJobError
+    from queuejob.flows.storage import open_storage
 
     wanted: dict[str, set[str]] = {}
     for letter in letters:
@@ -256,7 +256,7 @@ def _ledger_details(letters: list[Any], ledger_storage: str | None) -> dict[tupl
 def _print_dead_letters(
     dead_name: str, total: int, letters: list[Any], known: dict[tuple[str, str], Any]
 ) -> None:
-    from flows.core.dead_letters import plural
+    from queuejob.flows.core.dead_letters import plural
 
     print(f"queue {dead_name!r} holds {plural(total, 'dead letter')}")
     if not letters:
@@ -306,9 +306,9 @@ def _cell(value: Any, width: int) -> str:
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     """Print a finished run's summary and its ledger rows, streamed from the storage."""
-    from flows.adapters.ledger_storage import normalize_fates
-    from flows.core.errors import QueueJobError
-    from flows.storage import open_storage
+    from queuejob.flows.adapters.ledger_storage import normalize_fates
+    from queuejob.flows.core.errors import QueueJobError
+    from queuejob.flows.storage import open_storage
 
     try:
         fates = normalize_fates(args.fate) if args.fate else None

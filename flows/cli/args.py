@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 DOCS_ITEMS = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
 DEMO_COMMAND = ["sh", "-c", 'item=$(cat); echo "processed $item"']
 WORKER_LINE = "[queuejob worker "  # how the pod program's own log lines start
-BROKER_URL_ENV = "QUEUEJOB_BROKER_URL"  # as flows.tasks reads it (not imported: it loads Prefect)
+# As queuejob.flows.tasks reads it (not imported from there: that loads Prefect).
+BROKER_URL_ENV = "QUEUEJOB_BROKER_URL"
 # Prefect's temporary server sends telemetry unless told not to; with no internet (common on
 # batch clusters) every run then logs an error and a traceback. Set it to true to send it again.
 TELEMETRY_ENV = "PREFECT_SERVER_ANALYTICS_ENABLED"
@@ -295,7 +296,7 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
 
 def _plain(exc: ValidationError, prefix: str) -> str:
     """A pydantic error as one line naming the CLI's options."""
-    from flows.core.validation import readable_errors
+    from queuejob.flows.core.validation import readable_errors
 
     return readable_errors(exc, show_input=True, prefix=prefix, names=OPTION_NAMES)
 
@@ -305,9 +306,9 @@ def flow_kwargs(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
     make parameters at all. What else can be checked without Prefect is `check_run_input`'s."""
     from pydantic import ValidationError
 
-    from flows.core.errors import InvalidInput
-    from flows.core.items import ItemSource
-    from flows.params import CleanupParams, JobParams, QueueParams
+    from queuejob.flows.core.errors import InvalidInput
+    from queuejob.flows.core.items import ItemSource
+    from queuejob.flows.params import CleanupParams, JobParams, QueueParams
 
     given = [bool(args.items), bool(args.file), bool(args.jsonl), args.range is not None]
     if sum(given) != 1:
@@ -377,7 +378,7 @@ def check_run_input(kwargs: dict[str, Any]) -> None:
 
 
 def _check_items(items: Any) -> None:
-    from flows.core.items import count_items, iter_items
+    from queuejob.flows.core.items import count_items, iter_items
 
     if items.kind == "range":
         next(iter_items(items))  # integers are always valid: only an empty range is refused
@@ -387,9 +388,9 @@ def _check_items(items: Any) -> None:
 
 
 def _check_job(job: Any, mode: str, backend: str) -> None:
-    from flows.core.errors import InvalidInput
-    from flows.core.manifest import check_dns1123_label, check_image
-    from flows.params import job_spec_for_run
+    from queuejob.flows.core.errors import InvalidInput
+    from queuejob.flows.core.manifest import check_dns1123_label, check_image
+    from queuejob.flows.params import job_spec_for_run
 
     if job.template_block:
         # The block itself is read by the flow; the options that override it are checked here.
@@ -407,7 +408,7 @@ def _check_job(job: Any, mode: str, backend: str) -> None:
 
 
 def _check_broker(broker_block: str | None) -> None:
-    from flows.core.errors import ConfigError
+    from queuejob.flows.core.errors import ConfigError
 
     if broker_block:
         return  # a block is read through Prefect, by the flow
@@ -417,6 +418,6 @@ def _check_broker(broker_block: str | None) -> None:
             f"no broker: set {BROKER_URL_ENV}=amqp://user:password@host:5672/%2F in the "
             "environment, or pass --broker-block NAME"
         )
-    from flows.adapters.broker import BrokerConfig
+    from queuejob.flows.adapters.broker import BrokerConfig
 
     BrokerConfig(url=url)  # a malformed URL raises ConfigError; the password is never shown

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     pass
 
-from flows.cli.args import (
+from queuejob.flows.cli.args import (
     BROKER_URL_ENV,
     DEMO_COMMAND,
     DOCS_ITEMS,
@@ -27,7 +27,7 @@ from flows.cli.args import (
 
 
 def _progress_printer() -> Any:
-    from flows.monitor import Progress
+    from queuejob.flows.monitor import Progress
 
     tty = sys.stderr.isatty()
     state = {"last": ""}
@@ -118,9 +118,9 @@ def prepare_prefect(debug: bool) -> None:
 
 def run_flow(kwargs: dict[str, Any], *, debug: bool = False) -> tuple[int, dict[str, Any] | None]:
     """Run the flow in this process; (exit status, report or None when the run failed)."""
-    from flows.core.errors import QueueJobError
-    from flows.monitor import LISTENERS
-    from flows.work_queue import run_work_queue
+    from queuejob.flows.core.errors import QueueJobError
+    from queuejob.flows.monitor import LISTENERS
+    from queuejob.flows.work_queue import run_work_queue
 
     LISTENERS.append(_progress_printer())
     try:
@@ -166,7 +166,7 @@ def prefect_api_problem() -> str | None:
 
 
 def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
-    from flows.core.errors import QueueJobError
+    from queuejob.flows.core.errors import QueueJobError
 
     try:
         kwargs = flow_kwargs(args, command)
@@ -239,7 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _show_pod_logs(report: dict[str, Any]) -> None:
     """What each pod printed, as `kubectl logs` shows it in the docs; then delete the Job."""
-    from flows.adapters.local import LocalBackend
+    from queuejob.flows.adapters.local import LocalBackend
 
     backend = LocalBackend()
     handle = backend.find_job(
@@ -262,9 +262,15 @@ def _show_pod_logs(report: dict[str, Any]) -> None:
 def cmd_render(args: argparse.Namespace, command: list[str]) -> int:
     import yaml
 
-    from flows.core.errors import QueueJobError
-    from flows.core.manifest import build_job, build_secret, job_name, redact_secret, secret_name
-    from flows.params import job_spec_for_run
+    from queuejob.flows.core.errors import QueueJobError
+    from queuejob.flows.core.manifest import (
+        build_job,
+        build_secret,
+        job_name,
+        redact_secret,
+        secret_name,
+    )
+    from queuejob.flows.params import job_spec_for_run
 
     if not (args.items or args.file or args.jsonl or args.range):
         args.items = ["placeholder"]  # render needs no items: completions come from --items-count

@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from flows.core.job_status import JobState
-from flows.core.manifest import RUN_ID_LABEL
+from queuejob.flows.core.job_status import JobState
+from queuejob.flows.core.manifest import RUN_ID_LABEL
 
 Propagation = Literal["Background", "Foreground"]
 

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flows.core.errors import CaveatViolation, StaleMessages
-from flows.core.job_status import JobPhase, JobState
-from flows.core.ledger import LedgerSummary
+from queuejob.flows.core.errors import CaveatViolation, StaleMessages
+from queuejob.flows.core.job_status import JobPhase, JobState
+from queuejob.flows.core.ledger import LedgerSummary
 
 Policy = Literal["warn", "fail"]
 

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flows.core.errors import ItemError
+from queuejob.flows.core.errors import ItemError
 
 DEFAULT_MAX_ITEM_BYTES = 1024 * 1024
 MAX_ID_BYTES = 255  # AMQP shortstr: the id travels as the message_id
@@ -155,7 +155,7 @@ def iter_items(
         if rows is None:
             raise ItemError(
                 f"{source.describe()}: the ledger's rows must be read by the caller "
-                "(flows.tasks.source_items does)"
+                "(queuejob.flows.tasks.source_items does)"
             )
         yield from _nonempty(_iter_ledger(source, rows), source)
     elif source.kind == "list":

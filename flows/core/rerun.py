@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flows.core.errors import InvalidInput
+from queuejob.flows.core.errors import InvalidInput
 
 # What users type, and what ledger rows say.
 FATE_NAMES = ("succeeded", "failed", "dead_lettered", "left")

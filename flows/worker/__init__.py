@@ -1,7 +1,7 @@
-"""The pod worker: ``python -m flows.worker`` (also ``queuejob worker``).
+"""The pod worker: ``python -m queuejob.flows.worker`` (also ``queuejob worker``).
 
 Its contract (the environment, what it does per item, the exit codes) is the docstring of
-`flows.worker.options`, which is also its ``--help``.
+`queuejob.flows.worker.options`, which is also its ``--help``.
 
 Modules: `options` (the command line and the exit codes), `loop` (the consumer loop, signals and
 `main`), `runner` (running one item: a ``--call`` function or a command) and `outcomes` (the
@@ -12,8 +12,8 @@ mode.
 
 from __future__ import annotations
 
-from flows.worker.loop import main
-from flows.worker.options import (
+from queuejob.flows.worker.loop import main
+from queuejob.flows.worker.options import (
     EXIT_BROKER,
     EXIT_ITEM_FAILED,
     EXIT_OK,

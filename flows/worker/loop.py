@@ -1,6 +1,6 @@
 """The worker's loop: connect, consume with a window of messages, run each item, publish its
 record and settle its message through the `OutcomePublisher`; stop on idle, on a failure, on a
-refused record or on a signal. `main` is ``python -m flows.worker``."""
+refused record or on a signal. `main` is ``python -m queuejob.flows.worker``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     HEADER_FAILURES,
     ITEM_CONTENT_TYPE,
     PERSISTENT,
@@ -26,10 +26,10 @@ from flows.adapters.broker import (
     QueueSettings,
     connect,
 )
-from flows.adapters.broker.frames import coalesce_pending_frames
-from flows.core.errors import BrokerAuthError, BrokerUnavailable, QueueJobError
-from flows.core.ledger import FAILED, INTERRUPTED, NO_WORK, SUCCEEDED, OutcomeRecord
-from flows.worker.options import (
+from queuejob.flows.adapters.broker.frames import coalesce_pending_frames
+from queuejob.flows.core.errors import BrokerAuthError, BrokerUnavailable, QueueJobError
+from queuejob.flows.core.ledger import FAILED, INTERRUPTED, NO_WORK, SUCCEEDED, OutcomeRecord
+from queuejob.flows.worker.options import (
     EXIT_BROKER,
     EXIT_ITEM_FAILED,
     EXIT_OK,
@@ -41,8 +41,8 @@ from flows.worker.options import (
     load_callable,
     parse_args,
 )
-from flows.worker.outcomes import OutcomePublisher
-from flows.worker.runner import Executor, Item, Result, call_item
+from queuejob.flows.worker.outcomes import OutcomePublisher
+from queuejob.flows.worker.runner import Executor, Item, Result, call_item
 
 _TICK_S = 0.25  # how often the loop looks at signals while it waits
 _KEEP_AFTER_S = 1.0  # a call running longer than this has the keeper serve the connection

@@ -1,9 +1,9 @@
-"""The pod worker: ``python -m flows.worker`` (also ``queuejob worker``).
+"""The pod worker: ``python -m queuejob.flows.worker`` (also ``queuejob worker``).
 
 Takes work items from a RabbitMQ queue and runs a command on each, with the item's body on stdin
 (the ``amqp-consume`` contract), or calls a Python function with the body::
 
-    python -m flows.worker [--mode coarse|fine] [--idle-timeout S] [--delivery-limit N]
+    python -m queuejob.flows.worker [--mode coarse|fine] [--idle-timeout S] [--delivery-limit N]
                            [--prefetch N] [--call module:function] [-- CMD ARGS...]
 
 Environment: ``BROKER_URL`` (amqp://user:password@host:port/vhost) and ``QUEUE`` (the work queue)
@@ -107,7 +107,7 @@ class Options:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m flows.worker",
+        prog="python -m queuejob.flows.worker",
         description=__doc__,  # this module's docstring: the worker's whole contract
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -172,7 +172,7 @@ def parse_args(argv: list[str]) -> Options:
     if extra:
         raise Usage(
             f"unexpected arguments {extra!r}; put the command after '--', e.g. "
-            "python -m flows.worker -- ./process.sh"
+            "python -m queuejob.flows.worker -- ./process.sh"
         )
     if bool(ns.call) == bool(command):
         raise Usage("give exactly one of --call MODULE:FUNCTION and a command after '--'")

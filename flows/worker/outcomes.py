@@ -20,10 +20,10 @@ from typing import Any
 import pika
 from pika import spec
 
-from flows.adapters.broker import PERSISTENT, RECORD_CONTENT_TYPE
-from flows.adapters.broker.frames import coalesce_pending_frames
-from flows.core.errors import BrokerUnavailable
-from flows.core.ledger import OutcomeRecord
+from queuejob.flows.adapters.broker import PERSISTENT, RECORD_CONTENT_TYPE
+from queuejob.flows.adapters.broker.frames import coalesce_pending_frames
+from queuejob.flows.core.errors import BrokerUnavailable
+from queuejob.flows.core.ledger import OutcomeRecord
 
 RECORD_PROPS = pika.BasicProperties(content_type=RECORD_CONTENT_TYPE, delivery_mode=PERSISTENT)
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(OutcomeRecord))

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     HEADER_DELIVERY_COUNT,
     HEADER_FAILURES,
     HEADER_INDEX,
     HEADER_RUN_ID,
 )
-from flows.core.ledger import OutcomeRecord
+from queuejob.flows.core.ledger import OutcomeRecord
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000

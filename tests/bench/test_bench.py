@@ -21,8 +21,8 @@ from bench.common import (
     queue_name,
     run_child,
 )
-from flows.adapters import broker as broker_io
-from flows.adapters.local import LocalBackend
+from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.adapters.local import LocalBackend
 
 # --- pure --------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from flows.adapters.broker import BrokerConfig, QueueSettings, delete_queues
+from queuejob.flows.adapters.broker import BrokerConfig, QueueSettings, delete_queues
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from flows.adapters.broker import BrokerConfig, QueueSettings, fill_queue
-from flows.core.items import ItemSource, iter_items
+from queuejob.flows.adapters.broker import BrokerConfig, QueueSettings, fill_queue
+from queuejob.flows.core.items import ItemSource, iter_items
 
 
 def main() -> None:

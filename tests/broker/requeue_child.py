@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 
-from flows.adapters.broker import BrokerConfig, QueueSettings
-from flows.adapters.broker.dead_letters import requeue_dead_letters
+from queuejob.flows.adapters.broker import BrokerConfig, QueueSettings
+from queuejob.flows.adapters.broker.dead_letters import requeue_dead_letters
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 import pika
 
-from flows.adapters.broker import BrokerConfig, QueueSettings, ResultsConsumer
-from flows.core.ledger import OutcomeRecord
+from queuejob.flows.adapters.broker import BrokerConfig, QueueSettings, ResultsConsumer
+from queuejob.flows.core.ledger import OutcomeRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -104,9 +104,9 @@ def worker_env(url: str, queue: str, run_id: str, pod: str, **extra: str) -> dic
 def run_worker(
     args: list[str], env: dict[str, str], *, timeout: float = 30.0
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m flows.worker ARGS` to completion."""
+    """Run `python -m queuejob.flows.worker ARGS` to completion."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.worker", *args],
+        [sys.executable, "-m", "queuejob.flows.worker", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     HEADER_FAILURES,
     HEADER_INDEX,
     HEADER_RUN_ID,
@@ -30,14 +30,14 @@ from flows.adapters.broker import (
     fill_queue,
     queue_depths,
 )
-from flows.adapters.broker.dead_letters import (
+from queuejob.flows.adapters.broker.dead_letters import (
     HEADER_TOKEN,
     list_dead_letters,
     requeue_dead_letters,
 )
-from flows.core.dead_letters import HEADER_REQUEUES
-from flows.core.errors import FillInProgress
-from flows.core.items import ItemSource, iter_items
+from queuejob.flows.core.dead_letters import HEADER_REQUEUES
+from queuejob.flows.core.errors import FillInProgress
+from queuejob.flows.core.items import ItemSource, iter_items
 
 from .support import ROOT, drain_messages, ready_count, wait_until
 
@@ -106,7 +106,7 @@ def _cli(*args: str, url: str, **env_extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUEUEJOB_")}
     env.update(QUEUEJOB_BROKER_URL=url, PYTHONPATH=str(ROOT), **env_extra)
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "dead-letters", *args],
+        [sys.executable, "-m", "queuejob.flows.cli", "dead-letters", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

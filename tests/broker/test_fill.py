@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     HEADER_INDEX,
     HEADER_RUN_ID,
     BrokerConfig,
@@ -24,15 +24,15 @@ from flows.adapters.broker import (
     read_fill_marker,
     work_queue_arguments,
 )
-from flows.adapters.broker import fill as broker_adapter
-from flows.core.errors import (
+from queuejob.flows.adapters.broker import fill as broker_adapter
+from queuejob.flows.core.errors import (
     BrokerUnavailable,
     FillInProgress,
     ItemError,
     PublishError,
     QueueNotFound,
 )
-from flows.core.items import Item, ItemSource, iter_items
+from queuejob.flows.core.items import Item, ItemSource, iter_items
 
 from .support import ROOT, drain_messages, wait_until
 

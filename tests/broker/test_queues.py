@@ -7,7 +7,7 @@ from typing import Literal
 import pika
 import pytest
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     HEADER_RUN_ID,
     BrokerConfig,
     QueueDepth,
@@ -20,8 +20,8 @@ from flows.adapters.broker import (
     queue_depths,
     work_queue_arguments,
 )
-from flows.core.errors import QueueConflict, QueueNotFound
-from flows.core.items import ItemSource, iter_items
+from queuejob.flows.core.errors import QueueConflict, QueueNotFound
+from queuejob.flows.core.items import ItemSource, iter_items
 
 from .support import wait_until
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from flows.adapters.broker import BrokerConfig, QueueSettings, wait_for_broker
-from flows.core.errors import (
+from queuejob.flows.adapters.broker import BrokerConfig, QueueSettings, wait_for_broker
+from queuejob.flows.core.errors import (
     BrokerAuthError,
     BrokerUnavailable,
     ConfigError,

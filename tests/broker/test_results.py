@@ -11,18 +11,18 @@ import fsspec
 import pika
 import pytest
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     BrokerConfig,
     QueueSettings,
     ResultsConsumer,
     declare_queues,
     purge_results,
 )
-from flows.adapters.ledger_storage import LedgerStorage
-from flows.adapters.ledger_store import RunLedger
-from flows.core.items import Item
-from flows.core.ledger import FAILED, SUCCEEDED, Ledger, OutcomeRecord
-from flows.monitor import RunMonitor
+from queuejob.flows.adapters.ledger_storage import LedgerStorage
+from queuejob.flows.adapters.ledger_store import RunLedger
+from queuejob.flows.core.items import Item
+from queuejob.flows.core.ledger import FAILED, SUCCEEDED, Ledger, OutcomeRecord
+from queuejob.flows.monitor import RunMonitor
 
 from .support import ready_count
 

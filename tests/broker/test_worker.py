@@ -1,4 +1,4 @@
-"""The pod worker, run as real ``python -m flows.worker`` processes against the real broker."""
+"""The pod worker, as real ``python -m queuejob.flows.worker`` processes against the real broker."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     BrokerConfig,
     QueueSettings,
     dead_letter_ids,
@@ -23,9 +23,9 @@ from flows.adapters.broker import (
     fill_queue,
     queue_depths,
 )
-from flows.core.items import ItemSource, iter_items
-from flows.core.ledger import FAILED, INTERRUPTED, NO_WORK, SUCCEEDED, Ledger
-from flows.worker import EXIT_BROKER, EXIT_ITEM_FAILED, EXIT_SIGTERM, EXIT_USAGE
+from queuejob.flows.core.items import ItemSource, iter_items
+from queuejob.flows.core.ledger import FAILED, INTERRUPTED, NO_WORK, SUCCEEDED, Ledger
+from queuejob.flows.worker import EXIT_BROKER, EXIT_ITEM_FAILED, EXIT_SIGTERM, EXIT_USAGE
 
 from .support import (
     FAIL_ON_POISON,
@@ -188,7 +188,7 @@ def test_sigterm_mid_item_leaves_it_for_redelivery(
     env = worker_env(broker_url, qs.name, run_id, "pod-t", MARK=str(mark))
     slow = ["sh", "-c", 'echo $$ > "$MARK.tmp"; mv "$MARK.tmp" "$MARK"; exec sleep 60']
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.worker", "--grace", "3", *IDLE, "--", *slow],
+        [sys.executable, "-m", "queuejob.flows.worker", "--grace", "3", *IDLE, "--", *slow],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -251,16 +251,19 @@ def test_usage_and_broker_errors_have_their_exit_codes(
 
 def test_help_documents_exit_codes_and_imports_stay_lean() -> None:
     code = (
-        "import sys, flows.worker\n"
+        "import sys, queuejob.flows.worker\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'kubernetes', "
-        "'kubernetes_asyncio', 'pydantic', 'flows.core.items'})\n"
+        "'kubernetes_asyncio', 'pydantic', 'queuejob.flows.core.items'})\n"
         "print(heavy)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
     shown = subprocess.run(
-        [sys.executable, "-m", "flows.worker", "--help"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "queuejob.flows.worker", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert shown.returncode == 0
     assert "Exit codes" in shown.stdout and "143" in shown.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     BrokerConfig,
     QueueSettings,
     dead_letter_ids,
@@ -21,9 +21,9 @@ from flows.adapters.broker import (
     fill_queue,
     queue_depths,
 )
-from flows.core.items import ItemSource, iter_items
-from flows.core.ledger import FAILED, INTERRUPTED, SUCCEEDED, Ledger
-from flows.worker import EXIT_BROKER, EXIT_ITEM_FAILED, EXIT_SIGTERM
+from queuejob.flows.core.items import ItemSource, iter_items
+from queuejob.flows.core.ledger import FAILED, INTERRUPTED, SUCCEEDED, Ledger
+from queuejob.flows.worker import EXIT_BROKER, EXIT_ITEM_FAILED, EXIT_SIGTERM
 
 from .support import ROOT, collect_records, ready_count, run_worker, wait_until, worker_env
 
@@ -49,7 +49,7 @@ def test_sigterm_mid_window_returns_every_unacked_message_and_loses_none(
     env = worker_env(broker_url, qs.name, run_id, "pod-w", MARK=str(mark))
     call = ["--call", "tests.broker.worker_calls:slow_item"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.worker", *FINE, "--prefetch", "10", *call],
+        [sys.executable, "-m", "queuejob.flows.worker", *FINE, "--prefetch", "10", *call],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -159,8 +159,8 @@ def test_a_refused_record_leaves_its_message_unacked(
 
 
 def test_the_worker_writes_records_exactly_as_the_ledger_reads_them() -> None:
-    from flows.core.ledger import OutcomeRecord
-    from flows.worker.outcomes import record_json as _record_json
+    from queuejob.flows.core.ledger import OutcomeRecord
+    from queuejob.flows.worker.outcomes import record_json as _record_json
 
     rec = OutcomeRecord(
         run_id="r", status=FAILED, item_id="i-1", index=3, attempt=2, pod="p", exit_code=7,

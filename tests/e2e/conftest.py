@@ -48,7 +48,7 @@ T = TypeVar("T")
 # environment, never the command line, where `ps` would show its password.
 _SAVE_BROKER_BLOCK = """
 import os
-from blocks import RabbitMQBroker
+from queuejob.blocks import RabbitMQBroker
 block = RabbitMQBroker.from_url(os.environ["QUEUEJOB_E2E_BROKER_URL"])
 block.save(os.environ["QUEUEJOB_E2E_BLOCK_NAME"], overwrite=True)
 """
@@ -317,7 +317,7 @@ def deployed(prefect_server: PrefectStack, broker_url: str) -> PrefectStack:
     pool's on-demand queue."""
     stack = prefect_server
     stack.cli(
-        Cmd([PREFECT, "block", "register", "-m", "blocks"]),
+        Cmd([PREFECT, "block", "register", "-m", "queuejob.blocks"]),
         Cmd([PREFECT, "work-pool", "create", LOCAL_POOL, "--type", "process"]),
         Cmd([PREFECT, "work-pool", "create", K8S_POOL, "--type", "kubernetes"]),
     )

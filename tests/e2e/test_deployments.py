@@ -29,7 +29,7 @@ from tests.e2e.conftest import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.prefect, pytest.mark.broker, pytest.mark.slow]
 
-ENTRYPOINT = "flows.work_queue.run_work_queue"
+ENTRYPOINT = "queuejob.flows.work_queue.run_work_queue"
 # name -> (work pool, work queue, cron or None)
 EXPECTED = {
     "on-demand": (LOCAL_POOL, "on-demand", None),
@@ -52,7 +52,7 @@ def test_deploy_all_creates_both_pairs_on_their_pools(deployed: PrefectStack) ->
     assert deployed.deploy_output.count("successfully created") == len(EXPECTED) + 1
     rerun = deployed.post("/deployments/filter", {"flows": {"name": {"any_": ["queuejob-rerun"]}}})
     assert [(d["name"], d["entrypoint"]) for d in rerun] == [
-        ("rerun-failures", "flows.rerun.rerun_failures")
+        ("rerun-failures", "queuejob.flows.rerun.rerun_failures")
     ]
     assert "run_id" in rerun[0]["parameter_openapi_schema"]["required"]
     found = deployments(deployed)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.core.items import ItemSource
+from queuejob.flows.core.items import ItemSource
 from tests.fakekube.pytest_plugin import fake_kube, fake_kubeconfig
 
 __all__ = ["fake_kube", "fake_kubeconfig"]
-from flows.params import CleanupParams, JobParams, QueueParams
+from queuejob.flows.params import CleanupParams, JobParams, QueueParams
 
 DOCS_ITEMS = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows.core.manifest import RUN_ID_LABEL
-from flows.work_queue import cleanup_hook, run_work_queue
+from queuejob.flows.core.manifest import RUN_ID_LABEL
+from queuejob.flows.work_queue import cleanup_hook, run_work_queue
 from tests.fakekube import FakeKubeServer
 from tests.flows.conftest import local_kwargs
 
@@ -116,8 +116,8 @@ def test_crash_after_create_job_then_retry_adopts_on_kubernetes(
 def test_cancellation_hook_deletes_job_pods_and_secret(
     kube_env: dict[str, str], fake_kube: FakeKubeServer, queue_name: str
 ) -> None:
-    from flows.adapters.kube import KubeBackend
-    from flows.core.manifest import JobSpec, build_job, build_secret, job_name, secret_name
+    from queuejob.flows.adapters.kube import KubeBackend
+    from queuejob.flows.core.manifest import JobSpec, build_job, build_secret, job_name, secret_name
 
     run_id = str(uuid.uuid4())
     spec = JobSpec(image=IMAGE, command=("sh", "-c", "sleep 120"))

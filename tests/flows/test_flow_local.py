@@ -18,9 +18,9 @@ from typing import Any
 import pika
 import pytest
 
-from flows.adapters import broker as broker_io
-from flows.core.errors import CaveatViolation
-from flows.work_queue import cleanup_hook, run_work_queue
+from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.core.errors import CaveatViolation
+from queuejob.flows.work_queue import cleanup_hook, run_work_queue
 from tests.flows.conftest import DOCS_ITEMS, local_kwargs, pids_with_env_marker
 
 pytestmark = [pytest.mark.broker, pytest.mark.prefect]
@@ -172,7 +172,7 @@ def test_a_failed_job_puts_each_failed_pods_exit_code_and_log_tail_in_the_run_lo
 
 def test_demo_ends_with_what_each_pod_printed(flow_env: dict[str, str], queue_name: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "demo", "--queue", queue_name],
+        [sys.executable, "-m", "queuejob.flows.cli", "demo", "--queue", queue_name],
         env={**os.environ, **flow_env}, stdin=subprocess.DEVNULL, capture_output=True,
         text=True, timeout=300,
     )  # fmt: skip
@@ -224,7 +224,7 @@ def test_crash_after_create_job_then_retry_adopts_the_job(
     job_files = [p for p in jobs if json.loads(p.read_text()).get("kind") == "Job"]
     assert len(job_files) == 1, f"exactly one Job, got {job_files}"
     assert work_depth(flow_env["QUEUEJOB_BROKER_URL"], queue_name) == 0
-    from flows.adapters.local import LocalBackend
+    from queuejob.flows.adapters.local import LocalBackend
 
     LocalBackend(state_dir=Path(flow_env["QUEUEJOB_STATE_DIR"])).delete_run(
         namespace="default", run_id=report["run_id"]
@@ -259,7 +259,7 @@ def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
 ) -> None:
     env = {**os.environ, **flow_env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", *DOCS_ITEMS[:4], "--backend", "local",
+        [sys.executable, "-m", "queuejob.flows.cli", "run", *DOCS_ITEMS[:4], "--backend", "local",
          "--queue", queue_name, "--idle-timeout", "2", "--", "sh", "-c", "sleep 120"],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -289,8 +289,8 @@ def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
 def test_cancellation_hook_deletes_the_run_from_its_parameters_alone(
     flow_env: dict[str, str], queue_name: str
 ) -> None:
-    from flows.adapters.local import LocalBackend
-    from flows.core.manifest import JobSpec, build_job, build_secret, job_name, secret_name
+    from queuejob.flows.adapters.local import LocalBackend
+    from queuejob.flows.core.manifest import JobSpec, build_job, build_secret, job_name, secret_name
 
     run_id = str(uuid.uuid4())
     spec = JobSpec(image="localhost/queuejob:local", command=("sh", "-c", "sleep 120"))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from flows.core.errors import InvalidInput, LedgerStorageError
-from flows.work_queue import run_work_queue
+from queuejob.flows.cli import main
+from queuejob.flows.core.errors import InvalidInput, LedgerStorageError
+from queuejob.flows.work_queue import run_work_queue
 from tests.flows.conftest import DOCS_ITEMS, local_kwargs
 from tests.reliability.support import queue_exists
 

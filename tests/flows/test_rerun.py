@@ -15,10 +15,10 @@ from typing import Any
 import pika
 import pytest
 
-from flows.cli import main
-from flows.core.errors import JobFailed, LedgerNotFound
-from flows.rerun import rerun_failures, rerun_kwargs
-from flows.work_queue import run_work_queue
+from queuejob.flows.cli import main
+from queuejob.flows.core.errors import JobFailed, LedgerNotFound
+from queuejob.flows.rerun import rerun_failures, rerun_kwargs
+from queuejob.flows.work_queue import run_work_queue
 from tests.flows.conftest import local_kwargs
 
 pytestmark = [pytest.mark.broker, pytest.mark.prefect]

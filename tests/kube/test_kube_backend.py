@@ -21,9 +21,9 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient, Configuration
 
-from flows.adapters.kube import KubeBackend, KubeOp, error_from_status, load_api_client
-from flows.core.backend import JobHandle
-from flows.core.errors import (
+from queuejob.flows.adapters.kube import KubeBackend, KubeOp, error_from_status, load_api_client
+from queuejob.flows.core.backend import JobHandle
+from queuejob.flows.core.errors import (
     ConfigError,
     InvalidInput,
     JobConflict,
@@ -36,8 +36,8 @@ from flows.core.errors import (
     PermanentError,
     RetryableError,
 )
-from flows.core.job_status import JobPhase, JobState
-from flows.core.manifest import (
+from queuejob.flows.core.job_status import JobPhase, JobState
+from queuejob.flows.core.manifest import (
     ITEMS_ANNOTATION,
     RUN_ID_LABEL,
     build_secret,

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from flows.adapters.local import RUN_ENV, LocalBackend
-from flows.core.backend import JobHandle
-from flows.core.manifest import RUN_ID_LABEL, SECRET_KEY, build_secret, run_labels
+from queuejob.flows.adapters.local import RUN_ENV, LocalBackend
+from queuejob.flows.core.backend import JobHandle
+from queuejob.flows.core.manifest import RUN_ID_LABEL, SECRET_KEY, build_secret, run_labels
 
 # A made-up broker URL whose password must never show up anywhere the backend writes.
 SECRET_PASSWORD = "pw-Zq8tLm3x"

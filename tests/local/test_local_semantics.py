@@ -21,9 +21,9 @@ from typing import Any
 import psutil
 import pytest
 
-from flows.adapters.local import POD_ENV, LocalBackend
-from flows.core.errors import InvalidInput, JobConflict, JobTimeout, KubeNotFound
-from flows.core.job_status import JobPhase, JobState, job_state
+from queuejob.flows.adapters.local import POD_ENV, LocalBackend
+from queuejob.flows.core.errors import InvalidInput, JobConflict, JobTimeout, KubeNotFound
+from queuejob.flows.core.job_status import JobPhase, JobState, job_state
 
 from .conftest import SECRET_PASSWORD, SECRET_URL, Harness, until
 
@@ -369,7 +369,7 @@ def test_ttl_after_finished_removes_the_job(harness: Harness) -> None:
 _CREATE_AND_HANG = """
 import json, sys, time
 from pathlib import Path
-from flows.adapters.local import LocalBackend
+from queuejob.flows.adapters.local import LocalBackend
 backend = LocalBackend(state_dir=Path(sys.argv[1]), grace_s=1.0)
 spec = json.loads(sys.stdin.read())
 handle = backend.create_or_adopt(secret=spec["secret"], job=spec["job"], run_id=spec["run_id"])
@@ -380,7 +380,7 @@ time.sleep(600)
 _DELETE = """
 import sys
 from pathlib import Path
-from flows.adapters.local import LocalBackend
+from queuejob.flows.adapters.local import LocalBackend
 backend = LocalBackend(state_dir=Path(sys.argv[1]), grace_s=1.0)
 print(backend.delete_run(namespace=sys.argv[2], run_id=sys.argv[3]))
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.adapters.broker import (
+from queuejob.flows.adapters.broker import (
     BrokerConfig,
     QueueSettings,
     ResultsConsumer,
@@ -26,11 +26,11 @@ from flows.adapters.broker import (
     fill_queue,
     queue_depths,
 )
-from flows.core.backend import JobHandle
-from flows.core.items import Item
-from flows.core.job_status import JobPhase
-from flows.core.ledger import FAILED, NO_WORK, SUCCEEDED, OutcomeRecord
-from flows.core.manifest import JobSpec, build_job, build_secret, secret_name
+from queuejob.flows.core.backend import JobHandle
+from queuejob.flows.core.items import Item
+from queuejob.flows.core.job_status import JobPhase
+from queuejob.flows.core.ledger import FAILED, NO_WORK, SUCCEEDED, OutcomeRecord
+from queuejob.flows.core.manifest import JobSpec, build_job, build_secret, secret_name
 
 from .conftest import Harness, until
 
@@ -248,7 +248,7 @@ def test_more_completions_than_items_ends_by_idle_exit(
 _DELETE = """
 import sys
 from pathlib import Path
-from flows.adapters.local import LocalBackend
+from queuejob.flows.adapters.local import LocalBackend
 backend = LocalBackend(state_dir=Path(sys.argv[1]), grace_s=1.0)
 print(backend.delete_run(namespace=sys.argv[2], run_id=sys.argv[3]))
 """

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from flows.adapters.kube import KubeBackend
-from flows.core.backend import JobHandle
-from flows.core.errors import JobConflict, JobTimeout, KubeInvalid, KubeNotFound
-from flows.core.job_status import JobPhase, JobState
-from flows.core.manifest import ITEMS_ANNOTATION, RUN_ID_LABEL, run_labels, secret_name
+from queuejob.flows.adapters.kube import KubeBackend
+from queuejob.flows.core.backend import JobHandle
+from queuejob.flows.core.errors import JobConflict, JobTimeout, KubeInvalid, KubeNotFound
+from queuejob.flows.core.job_status import JobPhase, JobState
+from queuejob.flows.core.manifest import ITEMS_ANNOTATION, RUN_ID_LABEL, run_labels, secret_name
 from tests.realkube.cluster import ControlPlane
 from tests.realkube.helpers import (
     BROKER_URL,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.core.items import ItemSource
-from flows.params import CleanupParams, JobParams, QueueParams
+from queuejob.flows.core.items import ItemSource
+from queuejob.flows.params import CleanupParams, JobParams, QueueParams
 from tests.realkube.cluster import ControlPlane
 from tests.realkube.helpers import NS, apply_role, pods_of, wait_for
 from tests.realkube.kubelet import Kubelet
@@ -33,7 +33,7 @@ def test_the_docs_items_run_once_each_on_a_real_control_plane(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flows.work_queue import run_work_queue
+    from queuejob.flows.work_queue import run_work_queue
 
     # No credentials block: the flow falls back to KUBECONFIG, as on a laptop; its user is the
     # service account of deployments/k8s/rbac.yaml.

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.adapters.kube import KubeBackend
-from flows.core.errors import KubeForbidden
-from flows.core.job_status import JobPhase
+from queuejob.flows.adapters.kube import KubeBackend
+from queuejob.flows.core.errors import KubeForbidden
+from queuejob.flows.core.job_status import JobPhase
 from tests.realkube.cluster import ControlPlane
 from tests.realkube.helpers import NS, apply_role, can, make_run
 from tests.realkube.kubelet import Kubelet

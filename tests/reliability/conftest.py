@@ -115,7 +115,7 @@ def witness(capfd: pytest.CaptureFixture[str]) -> Iterator[Witness]:
     w = Witness()
     collector = w.collector
     root = logging.getLogger()
-    watched = {"": logging.INFO, "prefect": logging.INFO, "flows": logging.DEBUG}
+    watched = {"": logging.INFO, "prefect": logging.INFO, "queuejob": logging.DEBUG}
     before = {name: logging.getLogger(name).level for name in watched}
     for name, level in watched.items():
         logging.getLogger(name).setLevel(level)

@@ -357,8 +357,8 @@ def local_kwargs(
 ) -> dict[str, Any]:
     """Flow parameters for a coarse-mode run: on the local backend, or on Kubernetes when an
     ``image`` is given."""
-    from flows.core.items import ItemSource
-    from flows.params import CleanupParams, JobParams, QueueParams
+    from queuejob.flows.core.items import ItemSource
+    from queuejob.flows.params import CleanupParams, JobParams, QueueParams
 
     return {
         "items": ItemSource.inline(items or DOCS_ITEMS),
@@ -384,7 +384,7 @@ def ledger_rows(
 ) -> dict[str, dict[str, Any]]:
     """The run's ledger (JSON Lines) by item: the inline item's value (ids are derived from
     position and content), or the item id for other sources."""
-    from flows.core.items import ItemSource, iter_items
+    from queuejob.flows.core.items import ItemSource, iter_items
 
     rows = [json.loads(x) for x in Path(report["ledger_path"]).read_text().splitlines() if x]
     by_id = {str(r["item_id"]): r for r in rows}

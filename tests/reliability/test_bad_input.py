@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from flows.core.manifest import RUN_ID_LABEL
-from flows.work_queue import run_work_queue
+from queuejob.flows.core.manifest import RUN_ID_LABEL
+from queuejob.flows.work_queue import run_work_queue
 from tests.fakekube import FakeKubeServer
 from tests.reliability.conftest import RelEnv
 from tests.reliability.private_broker import free_port
@@ -259,7 +259,7 @@ def test_an_unreachable_prefect_api_is_named_by_the_cli(
     api = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "QUEUEJOB_BROKER_URL": rel_env.url}
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", *DOCS_ITEMS, "--backend", "local",
+        [sys.executable, "-m", "queuejob.flows.cli", "run", *DOCS_ITEMS, "--backend", "local",
          "--queue", queue, "--", "sh", "-c", "cat"],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -11,11 +11,11 @@ import uuid
 import pytest
 from prefect import flow
 
-from flows import tasks
-from flows.adapters import broker as broker_io
-from flows.core.errors import BrokerUnavailable
-from flows.core.items import ItemSource
-from flows.work_queue import run_work_queue
+from queuejob.flows import tasks
+from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.core.errors import BrokerUnavailable
+from queuejob.flows.core.items import ItemSource
+from queuejob.flows.work_queue import run_work_queue
 from tests.broker.support import ready_count
 from tests.reliability.conftest import RelEnv
 from tests.reliability.private_broker import PrivateBroker, free_port

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from flows.adapters.local import LocalBackend
-from flows.core.manifest import RUN_ID_LABEL
-from flows.work_queue import run_work_queue
+from queuejob.flows.adapters.local import LocalBackend
+from queuejob.flows.core.manifest import RUN_ID_LABEL
+from queuejob.flows.work_queue import run_work_queue
 from tests.broker.support import ready_count
 from tests.reliability.conftest import RelEnv
 from tests.reliability.support import (
@@ -68,7 +68,7 @@ def test_flow_killed_after_create_job_then_retried_adopts_the_job(
     fx = rel_env.effects
     env = {**os.environ, "PREFECT_API_URL": ephemeral_api_url()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", *DOCS_ITEMS, "--backend", "local",
+        [sys.executable, "-m", "queuejob.flows.cli", "run", *DOCS_ITEMS, "--backend", "local",
          "--queue", queue, "--parallelism", "2", "--idle-timeout", "3", "--keep-job",
          "--", *fx.work(sleep_s=1.0)],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from flows import tasks
-from flows.adapters.kube import KubeBackend
-from flows.core.manifest import RUN_ID_LABEL
-from flows.work_queue import run_work_queue
+from queuejob.flows import tasks
+from queuejob.flows.adapters.kube import KubeBackend
+from queuejob.flows.core.manifest import RUN_ID_LABEL
+from queuejob.flows.work_queue import run_work_queue
 from tests.fakekube import FakeKubeServer
 from tests.reliability.conftest import RelEnv
 from tests.reliability.support import (

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.adapters.local import LocalBackend
-from flows.core.items import ItemSource
-from flows.params import CleanupParams, JobParams, QueueParams
-from flows.work_queue import run_work_queue
+from queuejob.flows.adapters.local import LocalBackend
+from queuejob.flows.core.items import ItemSource
+from queuejob.flows.params import CleanupParams, JobParams, QueueParams
+from queuejob.flows.work_queue import run_work_queue
 from tests.reliability.conftest import RelEnv
 from tests.reliability.private_broker import PrivateBroker
 from tests.reliability.support import Witness, record, wait_for
@@ -58,9 +58,9 @@ def test_flow_killed_mid_wait_retried_in_a_fresh_pod_keeps_every_record_once(
         "QUEUEJOB_MAX_UNACKED_RECORDS": "20",  # batches of 10: many checkpoints
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--range", "0", str(n), "--mode", "fine",
-         "--backend", "local", "--queue", queue, "--parallelism", "2", "--idle-timeout", "3",
-         "--keep-job", "--", *fx.work(sleep_s=0.05)],
+        [sys.executable, "-m", "queuejob.flows.cli", "run", "--range", "0", str(n),
+         "--mode", "fine", "--backend", "local", "--queue", queue, "--parallelism", "2",
+         "--idle-timeout", "3", "--keep-job", "--", *fx.work(sleep_s=0.05)],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

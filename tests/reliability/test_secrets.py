@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.adapters.local import LocalBackend
-from flows.core.errors import BrokerAuthError
-from flows.work_queue import run_work_queue
+from queuejob.flows.adapters.local import LocalBackend
+from queuejob.flows.core.errors import BrokerAuthError
+from queuejob.flows.work_queue import run_work_queue
 from tests.reliability.conftest import RelEnv
 from tests.reliability.private_broker import PrivateBroker
 from tests.reliability.support import (
@@ -48,7 +48,7 @@ def test_a_whole_cli_run_shows_the_password_only_in_the_secret(
         "PREFECT_LOGGING_ROOT_LEVEL": "INFO",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", *DOCS_ITEMS, "--backend", "local",
+        [sys.executable, "-m", "queuejob.flows.cli", "run", *DOCS_ITEMS, "--backend", "local",
          "--queue", queue, "--idle-timeout", "2", "--keep-job", "--",
          *rel_env.effects.work()],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
@@ -77,7 +77,7 @@ def test_a_whole_cli_run_shows_the_password_only_in_the_secret(
 
 def test_render_never_shows_the_broker_url(rel_env: RelEnv, witness: Witness) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "render", "--image", "registry.example/q:1",
+        [sys.executable, "-m", "queuejob.flows.cli", "render", "--image", "registry.example/q:1",
          "--", "sh", "-c", "cat"],
         env={**os.environ, "QUEUEJOB_BROKER_URL": rel_env.url},
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.work_queue import run_work_queue
+from queuejob.flows.work_queue import run_work_queue
 from tests.reliability.conftest import RelEnv
 from tests.reliability.support import (
     DOCS_ITEMS,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from flows.storage import open_storage
+from queuejob.flows.cli import main
+from queuejob.flows.storage import open_storage
 
 RUN = "0f0e0d0c-0000-4000-8000-000000000001"
 FATES = ["succeeded", "failed", "dead_lettered", "left_in_queue"]
@@ -91,7 +91,7 @@ def test_an_unknown_run_is_named(capsys: pytest.CaptureFixture[str], ledger_dir:
 def _peak_rss_kb(run_id: str, ledger_dir: Path) -> int:
     code = (
         "import resource, sys\n"
-        "from flows.cli import main\n"
+        "from queuejob.flows.cli import main\n"
         f"rc = main(['ledger', {run_id!r}, '--format', 'jsonl'])\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
         "sys.exit(rc)\n"
@@ -116,7 +116,7 @@ def test_a_large_ledger_prints_in_bounded_memory(ledger_dir: Path) -> None:
 def test_run_takes_the_ledger_storage_block() -> None:
     import argparse
 
-    from flows.cli.args import flow_kwargs as _flow_kwargs
+    from queuejob.flows.cli.args import flow_kwargs as _flow_kwargs
 
     ns = argparse.Namespace(
         items=["a"], file=None, jsonl=None, range=None, mode="fine", backend="local",

@@ -10,9 +10,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from flows.adapters.ledger_storage import LedgerStorage
-from flows.core.errors import InvalidInput, LedgerNotFound, LedgerStorageError
-from flows.storage import open_storage
+from queuejob.flows.adapters.ledger_storage import LedgerStorage
+from queuejob.flows.core.errors import InvalidInput, LedgerNotFound, LedgerStorageError
+from queuejob.flows.storage import open_storage
 
 
 @pytest.fixture(params=["local", "memory"])

@@ -11,11 +11,18 @@ from typing import Any
 import fsspec
 import pytest
 
-from flows.adapters.ledger_storage import LedgerStorage
-from flows.adapters.ledger_store import RunLedger
-from flows.core.errors import LedgerStorageError
-from flows.core.items import Item
-from flows.core.ledger import FAILED, INTERRUPTED, NO_WORK, SUCCEEDED, Ledger, OutcomeRecord
+from queuejob.flows.adapters.ledger_storage import LedgerStorage
+from queuejob.flows.adapters.ledger_store import RunLedger
+from queuejob.flows.core.errors import LedgerStorageError
+from queuejob.flows.core.items import Item
+from queuejob.flows.core.ledger import (
+    FAILED,
+    INTERRUPTED,
+    NO_WORK,
+    SUCCEEDED,
+    Ledger,
+    OutcomeRecord,
+)
 
 RUN = "run-1"
 

@@ -19,9 +19,9 @@ import pydantic
 import pytest
 from pydantic import SecretStr
 
-from blocks import RabbitMQBroker, WorkQueueJobTemplate
-from flows.core.errors import ConfigError, InvalidInput
-from flows.core.manifest import JobSpec, build_job
+from queuejob.blocks import RabbitMQBroker, WorkQueueJobTemplate
+from queuejob.flows.core.errors import ConfigError, InvalidInput
+from queuejob.flows.core.manifest import JobSpec, build_job
 
 PASSWORD = "s3cr3t:p@ss/w0rd%"  # characters that need percent-encoding in a URL
 ENCODED = quote(PASSWORD, safe="")

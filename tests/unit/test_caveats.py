@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from flows.core import caveats
-from flows.core.caveats import (
+from queuejob.flows.core import caveats
+from queuejob.flows.core.caveats import (
     Code,
     Finding,
     Severity,
@@ -20,9 +20,9 @@ from flows.core.caveats import (
     failing,
     plan_completions,
 )
-from flows.core.errors import CaveatViolation, PermanentError, StaleMessages
-from flows.core.job_status import JobCounts, JobPhase, JobState
-from flows.core.ledger import LedgerSummary
+from queuejob.flows.core.errors import CaveatViolation, PermanentError, StaleMessages
+from queuejob.flows.core.job_status import JobCounts, JobPhase, JobState
+from queuejob.flows.core.ledger import LedgerSummary
 
 Q = "job1"
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from flows.cli import main
-from flows.cli.running import _NoTraceback
+from queuejob.flows.cli import main
+from queuejob.flows.cli.running import _NoTraceback
 
 
 def test_render_prints_a_redacted_secret_and_the_job(capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,7 +98,7 @@ def test_dead_letters_refuses_a_bad_queue_name(capsys: pytest.CaptureFixture[str
 def _rerun_args(argv: list[str]) -> Any:
     import argparse
 
-    from flows.cli.after_run import add_rerun_options as _add_rerun_options
+    from queuejob.flows.cli.after_run import add_rerun_options as _add_rerun_options
 
     parser = argparse.ArgumentParser()
     _add_rerun_options(parser)
@@ -106,7 +106,7 @@ def _rerun_args(argv: list[str]) -> Any:
 
 
 def test_rerun_overrides_only_the_options_given() -> None:
-    from flows.cli.after_run import _rerun_overrides
+    from queuejob.flows.cli.after_run import _rerun_overrides
 
     assert _rerun_overrides(_rerun_args(["r1"]), []) == {}
     args = _rerun_args(
@@ -159,7 +159,7 @@ def test_rerun_of_a_report_without_parameters_says_so(
 # Runs `queuejob` in a child and says whether Prefect was imported there, whatever way it ends.
 CHILD = """\
 import sys
-from flows.cli import main
+from queuejob.flows.cli import main
 try:
     rc = main(sys.argv[1:])
 finally:

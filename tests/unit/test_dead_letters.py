@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.core.dead_letters import DeadLetter, attempts_from, item_id_of, requeue_token
+from queuejob.flows.core.dead_letters import DeadLetter, attempts_from, item_id_of, requeue_token
 
 
 def _letter(item_id: str = "a", run_id: str | None = "r1", requeues: int = 0) -> DeadLetter:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from flows.core.manifest import JobSpec, worker_command
+from queuejob.flows.core.manifest import JobSpec, worker_command
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -157,8 +157,9 @@ def test_build_copies_what_the_package_build_reads(instructions: list[dict[str, 
         for src in _copy_sources(ins["value"])[0]
     }
     project = PYPROJECT["project"]
-    packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    top_level = {p.rstrip("*").rstrip(".") for p in packages}
+    # The package's folders: pyproject maps each installed package to a folder of the repository.
+    package_dirs = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
+    top_level = {Path(d).parts[0] for d in package_dirs}
     assert "pyproject.toml" in copied
     assert top_level <= copied, f"packages not copied: {top_level - copied}"
     if isinstance(project.get("readme"), str):

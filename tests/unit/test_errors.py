@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 
-from flows.core import errors
-from flows.core.errors import (
+from queuejob.flows.core import errors
+from queuejob.flows.core.errors import (
     BrokerAuthError,
     BrokerUnavailable,
     CaveatViolation,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pika import frame, spec
 
-from flows.adapters.broker import FillFrames
+from queuejob.flows.adapters.broker import FillFrames
 
 RUN_ID = "0b7c3a52-1f7e-4d8e-9a43-5e0d2b6c9f10"
 BODY_MAX = 131072 - 8  # pika's body frame limit for the default frame_max

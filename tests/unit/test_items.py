@@ -13,8 +13,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from flows.core.errors import ItemError
-from flows.core.items import (
+from queuejob.flows.core.errors import ItemError
+from queuejob.flows.core.items import (
     DEFAULT_MAX_ITEM_BYTES,
     MAX_ID_BYTES,
     Item,
@@ -355,7 +355,7 @@ def test_million_short_lines_are_counted_without_holding_them(tmp_path: Path) ->
 
 _TRACED_COUNT = """
 import sys, tracemalloc
-from flows.core.items import ItemSource, count_items
+from queuejob.flows.core.items import ItemSource, count_items
 source = ItemSource(kind="text", path=sys.argv[1])
 tracemalloc.start()
 n = count_items(source)

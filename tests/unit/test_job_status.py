@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from flows.core.job_status import JobCounts, JobPhase, JobState, job_state
+from queuejob.flows.core.job_status import JobCounts, JobPhase, JobState, job_state
 from tests.kube import TRACES
 
 P, R, S, OK, F = (

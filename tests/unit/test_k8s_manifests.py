@@ -17,8 +17,8 @@ import kubernetes.client as k8s
 import pytest
 import yaml
 
-from blocks import RabbitMQBroker
-from flows.core.manifest import SECRET_KEY, JobSpec, build_job, build_secret, secret_name
+from queuejob.blocks import RabbitMQBroker
+from queuejob.flows.core.manifest import SECRET_KEY, JobSpec, build_job, build_secret, secret_name
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deployments" / "k8s"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from flows.core.ledger import (
+from queuejob.flows.core.ledger import (
     FAILED,
     FATE_DEAD,
     FATE_FAILED,

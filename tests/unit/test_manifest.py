@@ -8,8 +8,8 @@ from typing import Any
 import pydantic
 import pytest
 
-from flows.core.errors import InvalidInput
-from flows.core.manifest import (
+from queuejob.flows.core.errors import InvalidInput
+from queuejob.flows.core.manifest import (
     APP_LABEL,
     ITEMS_ANNOTATION,
     MANAGED_BY_LABEL,

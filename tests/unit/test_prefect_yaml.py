@@ -62,7 +62,7 @@ def test_entrypoint_is_the_flow(by_name: dict[str, dict[str, Any]]) -> None:
 def test_every_deployments_parameters_are_accepted_by_the_flow(
     by_name: dict[str, dict[str, Any]],
 ) -> None:
-    from flows.work_queue import run_work_queue
+    from queuejob.flows.work_queue import run_work_queue
 
     for name, dep in by_name.items():
         if name == RERUN:
@@ -99,7 +99,7 @@ def test_kubernetes_pair_runs_as_the_rbac_service_account(
 def test_rerun_deployments_form_asks_for_the_run_id(by_name: dict[str, dict[str, Any]]) -> None:
     from prefect.utilities.callables import parameter_schema
 
-    from flows.rerun import rerun_failures
+    from queuejob.flows.rerun import rerun_failures
 
     dep = by_name[RERUN]
     assert "run_id" not in dep["parameters"]  # no default: the form asks for it

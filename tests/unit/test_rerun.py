@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from flows.core.errors import InvalidInput, ItemError
-from flows.core.items import ItemSource, iter_items
-from flows.core.rerun import DEFAULT_FATES, fate_statuses, parse_fates, rerun_params
+from queuejob.flows.core.errors import InvalidInput, ItemError
+from queuejob.flows.core.items import ItemSource, iter_items
+from queuejob.flows.core.rerun import DEFAULT_FATES, fate_statuses, parse_fates, rerun_params
 
 EARLIER: dict[str, Any] = {
     "items": {"kind": "text", "path": "/data/items.txt", "max_item_bytes": 4096},

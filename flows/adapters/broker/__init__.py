@@ -11,7 +11,7 @@ Modules:
 * `results`: `ResultsConsumer`, the flow's reader of outcome records.
 * `dead_letters`: listing ``<queue>.dead`` and requeueing its messages.
 
-Everything here is I/O; pika's exceptions are translated into `flows.core.errors`:
+Everything here is I/O; pika's exceptions are translated into `queuejob.flows.core.errors`:
 
 * `BrokerUnavailable` (retryable): refused or dropped connections, DNS failures, timeouts.
 * `BrokerAuthError` (permanent): the broker refused the credentials or the vhost.
@@ -45,7 +45,7 @@ The password of a broker URL never appears in a message, a log line or an except
 
 from __future__ import annotations
 
-from flows.adapters.broker.config import (
+from queuejob.flows.adapters.broker.config import (
     CLASSIC_STORAGE_ARGUMENTS,
     HEADER_DELIVERY_COUNT,
     HEADER_FAILURES,
@@ -59,27 +59,27 @@ from flows.adapters.broker.config import (
     check_queue_name,
     work_queue_arguments,
 )
-from flows.adapters.broker.connection import (
+from queuejob.flows.adapters.broker.connection import (
     connect,
     wait_for_broker,
 )
-from flows.adapters.broker.dead_letters import (
+from queuejob.flows.adapters.broker.dead_letters import (
     dead_letter_ids,
 )
-from flows.adapters.broker.fill import (
+from queuejob.flows.adapters.broker.fill import (
     FillMarker,
     FillResult,
     fill_queue,
     read_fill_marker,
 )
-from flows.adapters.broker.frames import (
+from queuejob.flows.adapters.broker.frames import (
     FillFrames,
 )
-from flows.adapters.broker.results import (
+from queuejob.flows.adapters.broker.results import (
     ResultBatch,
     ResultsConsumer,
 )
-from flows.adapters.broker.topology import (
+from queuejob.flows.adapters.broker.topology import (
     QueueDepth,
     declare_queues,
     delete_queues,

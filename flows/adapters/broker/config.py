@@ -9,7 +9,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from flows.core.errors import (
+from queuejob.flows.core.errors import (
     ConfigError,
     InvalidInput,
 )

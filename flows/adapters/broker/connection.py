@@ -1,5 +1,5 @@
 """Connecting to the broker: `connect`, `wait_for_broker` (retries with back-off), a short-lived
-`session`, passive declares, and pika's exceptions translated into `flows.core.errors` with
+`session`, passive declares, and pika's exceptions translated into `queuejob.flows.core.errors` with
 the password scrubbed.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pika
 import pika.exceptions as pex
 
-from flows.core.errors import (
+from queuejob.flows.core.errors import (
     BrokerAuthError,
     BrokerUnavailable,
     QueueJobError,
@@ -25,7 +25,7 @@ from flows.core.errors import (
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) out of its start-up
     pass
-from flows.adapters.broker.config import BrokerConfig
+from queuejob.flows.adapters.broker.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

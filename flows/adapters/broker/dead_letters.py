@@ -13,7 +13,8 @@ publish it again. Looking for the copy in the work queue is not an option: readi
 queue's messages without consuming them counts a delivery against each (``x-delivery-limit``),
 which would dead-letter the very items being requeued, and the copy may already have been
 taken by a worker. So each publish also records its dead letter's requeue token
-(`flows.core.dead_letters.DeadLetter.token`) in ``<queue>.requeued``, in the same publish: the
+(`queuejob.flows.core.dead_letters.DeadLetter.token`) in ``<queue>.requeued``, in the same publish:
+the
 message goes to the work queue with a ``BCC`` header naming ``<queue>.requeued`` (RabbitMQ's
 sender-selected distribution; the header is removed before delivery). One publish is routed to
 both queues or, if the publisher dies before the broker has the whole message, to neither, so a
@@ -36,7 +37,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from flows.adapters.broker.config import (
+from queuejob.flows.adapters.broker.config import (
     AUX_ARGUMENTS,
     HEADER_FAILURES,
     HEADER_INDEX,
@@ -46,15 +47,15 @@ from flows.adapters.broker.config import (
     BrokerConfig,
     QueueSettings,
 )
-from flows.adapters.broker.connection import channel_error, not_found, passive, session
-from flows.adapters.broker.fill import take_fill_lock
-from flows.core.dead_letters import (
+from queuejob.flows.adapters.broker.connection import channel_error, not_found, passive, session
+from queuejob.flows.adapters.broker.fill import take_fill_lock
+from queuejob.flows.core.dead_letters import (
     HEADER_REQUEUES,
     DeadLetter,
     attempts_from,
     item_id_of,
 )
-from flows.core.errors import PublishError
+from queuejob.flows.core.errors import PublishError
 
 # Header of a record in <queue>.requeued: the token of the dead letter it stands for.
 HEADER_TOKEN = "queuejob-requeue-token"

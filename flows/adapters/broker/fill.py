@@ -19,7 +19,7 @@ import pika
 import pika.exceptions as pex
 from pika.adapters.select_connection import SelectConnection
 
-from flows.core.errors import (
+from queuejob.flows.core.errors import (
     BrokerUnavailable,
     FillInProgress,
     InvalidInput,
@@ -27,14 +27,14 @@ from flows.core.errors import (
 )
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) out of its start-up
-    from flows.core.items import Item
-from flows.adapters.broker.config import (
+    from queuejob.flows.core.items import Item
+from queuejob.flows.adapters.broker.config import (
     PERSISTENT,
     RECORD_CONTENT_TYPE,
     BrokerConfig,
     QueueSettings,
 )
-from flows.adapters.broker.connection import (
+from queuejob.flows.adapters.broker.connection import (
     cause,
     channel_error,
     connection_params,
@@ -43,7 +43,7 @@ from flows.adapters.broker.connection import (
     session,
     translate_connect_error,
 )
-from flows.adapters.broker.frames import FillFrames, coalesce_pending_frames
+from queuejob.flows.adapters.broker.frames import FillFrames, coalesce_pending_frames
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,12 @@ from pika import spec as pika_spec
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) out of its start-up
     pass
-from flows.adapters.broker.config import HEADER_INDEX, HEADER_RUN_ID, ITEM_CONTENT_TYPE, PERSISTENT
+from queuejob.flows.adapters.broker.config import (
+    HEADER_INDEX,
+    HEADER_RUN_ID,
+    ITEM_CONTENT_TYPE,
+    PERSISTENT,
+)
 
 
 class FillFrames:

@@ -14,15 +14,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pika.exceptions as pex
 
-from flows.core.errors import (
+from queuejob.flows.core.errors import (
     BrokerUnavailable,
 )
-from flows.core.ledger import OutcomeRecord
+from queuejob.flows.core.ledger import OutcomeRecord
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) out of its start-up
     pass
-from flows.adapters.broker.config import BrokerConfig, QueueSettings
-from flows.adapters.broker.connection import cause, channel_error, close_quietly, open_blocking
+from queuejob.flows.adapters.broker.config import BrokerConfig, QueueSettings
+from queuejob.flows.adapters.broker.connection import (
+    cause,
+    channel_error,
+    close_quietly,
+    open_blocking,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -12,20 +12,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pika.exceptions as pex
 
-from flows.core.errors import (
+from queuejob.flows.core.errors import (
     QueueConflict,
     QueueNotFound,
 )
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) out of its start-up
     pass
-from flows.adapters.broker.config import (
+from queuejob.flows.adapters.broker.config import (
     AUX_ARGUMENTS,
     BrokerConfig,
     QueueSettings,
     work_queue_arguments,
 )
-from flows.adapters.broker.connection import channel_error, passive, session
+from queuejob.flows.adapters.broker.connection import channel_error, passive, session
 
 log = logging.getLogger(__name__)
 

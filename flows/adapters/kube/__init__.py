@@ -3,7 +3,8 @@
 This adapter is the only place that talks to the Kubernetes API (the official sync client,
 ``kubernetes>=37,<38``). It sends plain camelCase dict bodies and reads plain dicts back
 (``_preload_content=False`` + ``json.loads``), so the client's typed models never see fields they
-do not know, and every library exception leaves here translated into a ``flows.core.errors`` type:
+do not know, and every library exception leaves here translated into a
+``queuejob.flows.core.errors`` type:
 
 - 429, 5xx and connection errors -> `KubeUnavailable` (a `RetryableError`);
 - 401 -> `ConfigError` (the credentials are wrong, not the RBAC);
@@ -32,13 +33,13 @@ Secrets: the broker URL travels only in the Secret body; it never appears in a m
 or an exception raised here (client-side validation errors are re-raised without their inputs).
 
 Modules: ``backend`` (the API the flow calls), ``watch`` (the watch thread), ``errors`` (API
-errors as ``flows.core.errors`` types), ``config`` (loading the API client), ``common``.
+errors as ``queuejob.flows.core.errors`` types), ``config`` (loading the API client), ``common``.
 """
 
-from flows.adapters.kube.backend import KubeBackend
-from flows.adapters.kube.config import load_api_client
-from flows.adapters.kube.errors import KubeOp, error_from_api_exception, error_from_status
-from flows.adapters.kube.watch import WatchStats
+from queuejob.flows.adapters.kube.backend import KubeBackend
+from queuejob.flows.adapters.kube.config import load_api_client
+from queuejob.flows.adapters.kube.errors import KubeOp, error_from_api_exception, error_from_status
+from queuejob.flows.adapters.kube.watch import WatchStats
 
 __all__ = [
     "KubeBackend",

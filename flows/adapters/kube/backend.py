@@ -14,9 +14,9 @@ import pydantic
 from kubernetes.client import ApiClient, BatchV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
-from flows.adapters.kube.common import CONNECTION_ERRORS, MAX_BACKOFF_S, T
-from flows.adapters.kube.config import load_api_client
-from flows.adapters.kube.errors import (
+from queuejob.flows.adapters.kube.common import CONNECTION_ERRORS, MAX_BACKOFF_S, T
+from queuejob.flows.adapters.kube.config import load_api_client
+from queuejob.flows.adapters.kube.errors import (
     KubeOp,
     error_from_api_exception,
     error_from_status,
@@ -25,9 +25,15 @@ from flows.adapters.kube.errors import (
     status_body,
     unreachable,
 )
-from flows.adapters.kube.watch import Event, JobWatch, WatchStats
-from flows.core.backend import JobHandle, PodFailure, ProgressCallback, Propagation, run_id_of
-from flows.core.errors import (
+from queuejob.flows.adapters.kube.watch import Event, JobWatch, WatchStats
+from queuejob.flows.core.backend import (
+    JobHandle,
+    PodFailure,
+    ProgressCallback,
+    Propagation,
+    run_id_of,
+)
+from queuejob.flows.core.errors import (
     InvalidInput,
     JobConflict,
     JobTimeout,
@@ -37,8 +43,8 @@ from flows.core.errors import (
     QueueJobError,
     RetryableError,
 )
-from flows.core.job_status import JobState, job_state
-from flows.core.manifest import CONTAINER_NAME, RUN_ID_LABEL, run_labels, run_selector
+from queuejob.flows.core.job_status import JobState, job_state
+from queuejob.flows.core.manifest import CONTAINER_NAME, RUN_ID_LABEL, run_labels, run_selector
 
 log = logging.getLogger(__name__)
 

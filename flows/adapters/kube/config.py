@@ -11,8 +11,8 @@ import kubernetes
 from kubernetes.client import ApiClient
 from kubernetes.config.config_exception import ConfigException
 
-from flows.adapters.kube.common import kube_config
-from flows.core.errors import (
+from queuejob.flows.adapters.kube.common import kube_config
+from queuejob.flows.core.errors import (
     ConfigError,
 )
 

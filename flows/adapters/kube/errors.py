@@ -1,4 +1,4 @@
-"""Kubernetes API errors translated into ``flows.core.errors`` types, with the retry hints."""
+"""Kubernetes API errors translated into ``queuejob.flows.core.errors`` types, with retry hints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from flows.adapters.kube.common import FORBIDDEN, RBAC_HINT
-from flows.core.errors import (
+from queuejob.flows.adapters.kube.common import FORBIDDEN, RBAC_HINT
+from queuejob.flows.core.errors import (
     ConfigError,
     KubeError,
     KubeForbidden,

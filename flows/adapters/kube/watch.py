@@ -16,15 +16,19 @@ from typing import TYPE_CHECKING, Any
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from flows.adapters.kube.common import CONNECTION_ERRORS, HEALTHY_STREAM_S, WATCH_READ_SLACK_S
-from flows.adapters.kube.errors import (
+from queuejob.flows.adapters.kube.common import (
+    CONNECTION_ERRORS,
+    HEALTHY_STREAM_S,
+    WATCH_READ_SLACK_S,
+)
+from queuejob.flows.adapters.kube.errors import (
     KubeOp,
     error_from_api_exception,
     error_from_status,
     unreachable,
 )
-from flows.core.backend import JobHandle
-from flows.core.errors import (
+from queuejob.flows.core.backend import JobHandle
+from queuejob.flows.core.errors import (
     KubeError,
     KubeUnavailable,
     QueueJobError,
@@ -34,7 +38,7 @@ from flows.core.errors import (
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from flows.adapters.kube.backend import KubeBackend
+    from queuejob.flows.adapters.kube.backend import KubeBackend
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,8 @@ flow's wait and caveat logic cannot tell the two backends apart:
 
 - pods run the container's ``command`` + ``args`` with its ``env`` (literal values,
   ``secretKeyRef`` resolved from the run's Secret, ``fieldRef`` to the pod's name/namespace) and
-  Kubernetes' ``$(VAR)`` expansion; ``queuejob worker ...`` runs as ``python -m flows.worker ...``
-  with this interpreter;
+  Kubernetes' ``$(VAR)`` expansion; ``queuejob worker ...`` runs as
+  ``python -m queuejob.flows.worker ...`` with this interpreter;
 - ``completions`` / ``parallelism`` as for a NonIndexed Job (completions unset: done when one pod
   has succeeded and all have ended, no new pod after a success), ``backoffLimit`` with an
   exponential pod back-off (``backoff_base_s * 2**(n-1)``, capped), ``activeDeadlineSeconds``
@@ -16,10 +16,11 @@ flow's wait and caveat logic cannot tell the two backends apart:
   ``Complete``; ``FailureTarget`` then ``Failed``) with the same reasons and messages.
 
 How it is built. Each Job has a small supervisor process of its own (``python -m
-flows.adapters.local supervise <state file>``, detached from the caller), so the Job outlives
-the flow's process just as a Kubernetes Job does. The supervisor is the only writer of the Job's
-state file ``<state_dir>/<namespace>/<job>.json`` (the Job object plus a ``local`` section with pod
-pids, exit codes and back-off bookkeeping), replaced atomically on every change; ``wait`` polls it.
+queuejob.flows.adapters.local supervise <state file>``, detached from the caller), so the Job
+outlives the flow's process just as a Kubernetes Job does. The supervisor is the only writer of
+the Job's state file ``<state_dir>/<namespace>/<job>.json`` (the Job object plus a ``local``
+section with pod pids, exit codes and back-off bookkeeping), replaced atomically on every change;
+``wait`` polls it.
 Pod output (stdout and stderr together, as ``kubectl logs`` shows it) goes to
 ``<job>.logs/<pod>.log``. Secrets are kept apart in ``secrets/<name>.json`` with mode 0600, and the
 broker URL they hold is never written to a state file or a log line of ours; log tails handed out
@@ -46,13 +47,13 @@ Secret or a command that cannot start fails the pod (``CreateContainerConfigErro
 the propagation policy.
 
 Modules: ``backend`` (the API the flow calls), ``supervisor`` (one Job's controller; started as
-``python -m flows.adapters.local supervise``), ``pods`` (a pod's env and command line), ``spec``
-(what is accepted of a Job and a Secret), ``state`` (the files and the lock), ``processes``
+``python -m queuejob.flows.adapters.local supervise``), ``pods`` (a pod's env and command line),
+``spec`` (what is accepted of a Job and a Secret), ``state`` (the files and the lock), ``processes``
 (``/proc``, signals, stopping what is left, the watchdog), ``common`` (constants, small helpers).
 """
 
-from flows.adapters.local.backend import LocalBackend
-from flows.adapters.local.common import (
+from queuejob.flows.adapters.local.backend import LocalBackend
+from queuejob.flows.adapters.local.common import (
     JOB_UID_ENV,
     POD_ENV,
     RUN_ENV,

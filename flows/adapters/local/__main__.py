@@ -1,4 +1,4 @@
-"""``python -m flows.adapters.local supervise <job state file>``: start a Job's supervisor."""
+"""``python -m queuejob.flows.adapters.local supervise <job state file>``: a Job's supervisor."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.adapters.local.supervisor import Supervisor
+from queuejob.flows.adapters.local.supervisor import Supervisor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flows.adapters.local supervise <job state file>``."""
+    """``python -m queuejob.flows.adapters.local supervise <job state file>``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2 or args[0] != "supervise":
-        print("usage: python -m flows.adapters.local supervise <job state file>",
+        print("usage: python -m queuejob.flows.adapters.local supervise <job state file>",
               file=sys.stderr)  # fmt: skip
         return 2
     job_file = Path(args[1])

@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flows.adapters.local.common import (
+from queuejob.flows.adapters.local.common import (
     INHERITED_ENV,
     JOB_UID_ENV,
     KILL_WAIT_S,
     LOG_TAIL_LINES,
-    PACKAGE_ROOT,
     POLL_S,
     RUN_ENV,
     SUPERVISOR_START_TIMEOUT_S,
@@ -32,19 +31,25 @@ from flows.adapters.local.common import (
     tail_of_file,
     write_json,
 )
-from flows.adapters.local.processes import Targets, job_targets, stop_processes
-from flows.adapters.local.spec import prepare_job, prepare_secret
-from flows.adapters.local.state import Paths, lock_is_free, remove_job_files
-from flows.core.backend import JobHandle, PodFailure, ProgressCallback, Propagation, run_id_of
-from flows.core.errors import (
+from queuejob.flows.adapters.local.processes import Targets, job_targets, stop_processes
+from queuejob.flows.adapters.local.spec import prepare_job, prepare_secret
+from queuejob.flows.adapters.local.state import Paths, lock_is_free, remove_job_files
+from queuejob.flows.core.backend import (
+    JobHandle,
+    PodFailure,
+    ProgressCallback,
+    Propagation,
+    run_id_of,
+)
+from queuejob.flows.core.errors import (
     InvalidInput,
     JobConflict,
     JobTimeout,
     KubeNotFound,
     RetryableError,
 )
-from flows.core.job_status import JobState, job_state
-from flows.core.manifest import RUN_ID_LABEL, check_dns1123_label, run_labels
+from queuejob.flows.core.job_status import JobState, job_state
+from queuejob.flows.core.manifest import RUN_ID_LABEL, check_dns1123_label, run_labels
 
 # --- the backend ----------------------------------------------------------------------------------
 
@@ -250,15 +255,18 @@ class LocalBackend:
         job = read_json(paths.job) or {}
         meta = job.get("metadata") or {}
         env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p
-        )
         env[JOB_UID_ENV] = str(meta.get("uid") or "")
         env[RUN_ENV] = run_marker(paths.ns_dir.name, str(run_id_of(job) or ""))
         fd = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             launcher = subprocess.Popen(
-                [sys.executable, "-m", "flows.adapters.local", "supervise", str(paths.job)],
+                [
+                    sys.executable,
+                    "-m",
+                    "queuejob.flows.adapters.local",
+                    "supervise",
+                    str(paths.job),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=fd,
                 stderr=fd,

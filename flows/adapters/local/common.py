@@ -71,7 +71,6 @@ UNSUPPORTED_JOB_FIELDS = (
     "backoffLimitPerIndex",
     "maxFailedIndexes",
 )
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # the directory holding `flows`
 PR_SET_PDEATHSIG = 1
 
 # --- small helpers -------------------------------------------------------------------------------

@@ -8,18 +8,17 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from flows.adapters.local.common import (
+from queuejob.flows.adapters.local.common import (
     FIELD_LABEL,
     INHERITED_ENV,
     JOB_UID_ENV,
-    PACKAGE_ROOT,
     POD_ENV,
     RUN_ENV,
     expand,
     read_json,
     secret_value,
 )
-from flows.adapters.local.state import Paths
+from queuejob.flows.adapters.local.state import Paths
 
 
 def container_of(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,14 +100,13 @@ def pod_argv(
     container: Mapping[str, Any], env: dict[str, str], defined: Mapping[str, str]
 ) -> list[str]:
     """The pod's command line with ``$(VAR)`` expanded; ``queuejob worker`` runs as
-    ``python -m flows.worker`` with this interpreter (``env`` gains its PYTHONPATH)."""
+    ``python -m queuejob.flows.worker`` with this interpreter, which has queuejob installed: no
+    path is added, so the pod imports a user's own modules (``--call``) as the flow's process
+    would, and a user's ``flows`` package never meets one of ours."""
     argv = [expand(a, defined) for a in (*container["command"], *(container.get("args") or []))]
     if argv[:2] == ["queuejob", "worker"]:
         # Run the worker module with this interpreter: no console script needed, and none of
         # the CLI's imports.
-        argv = [sys.executable, "-m", "flows.worker", *argv[2:]]
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
-        )
+        argv = [sys.executable, "-m", "queuejob.flows.worker", *argv[2:]]
         env.setdefault("PYTHONUNBUFFERED", "1")
     return argv

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.adapters.local.common import (
+from queuejob.flows.adapters.local.common import (
     JOB_UID_ENV,
     KILL_WAIT_S,
     POD_ENV,

@@ -6,16 +6,16 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from flows.adapters.local.common import (
+from queuejob.flows.adapters.local.common import (
     FIELD_LABEL,
     SECRET_NAME,
     SUPPORTED_FIELDS,
     UNSUPPORTED_JOB_FIELDS,
 )
-from flows.core.errors import (
+from queuejob.flows.core.errors import (
     InvalidInput,
 )
-from flows.core.manifest import check_dns1123_label, run_labels
+from queuejob.flows.core.manifest import check_dns1123_label, run_labels
 
 # --- validation ---------------------------------------------------------------------------------
 

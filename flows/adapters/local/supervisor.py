@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flows.adapters.local.common import (
+from queuejob.flows.adapters.local.common import (
     BACKOFF_MESSAGE,
     BACKOFF_REASON,
     DEADLINE_MESSAGE,
@@ -34,8 +34,8 @@ from flows.adapters.local.common import (
     tail_of_file,
     write_json,
 )
-from flows.adapters.local.pods import container_of, pod_argv, pod_env, read_secrets
-from flows.adapters.local.processes import (
+from queuejob.flows.adapters.local.pods import container_of, pod_argv, pod_env, read_secrets
+from queuejob.flows.adapters.local.processes import (
     Targets,
     job_targets,
     libc_prctl,
@@ -44,8 +44,8 @@ from flows.adapters.local.processes import (
     stop_processes,
     watchdog,
 )
-from flows.adapters.local.state import Paths, remove_job_files
-from flows.core.backend import run_id_of
+from queuejob.flows.adapters.local.state import Paths, remove_job_files
+from queuejob.flows.core.backend import run_id_of
 
 # --- the supervisor (the Job controller of one Job) -----------------------------------------------
 
