@@ -32,6 +32,7 @@ from queuejob.flows.adapters.broker.config import (
     PERSISTENT,
     RECORD_CONTENT_TYPE,
     BrokerConfig,
+    Endpoint,
     QueueSettings,
 )
 from queuejob.flows.adapters.broker.connection import (
@@ -40,6 +41,7 @@ from queuejob.flows.adapters.broker.connection import (
     connection_params,
     not_found,
     passive,
+    rides_out_node_loss,
     session,
     translate_connect_error,
 )
@@ -132,6 +134,7 @@ def _write_marker(conn: Any, cfg: BrokerConfig, qs: QueueSettings, marker: FillM
     ch.close()
 
 
+@rides_out_node_loss
 def read_fill_marker(cfg: BrokerConfig, qs: QueueSettings) -> FillMarker | None:
     """The work queue's fill marker: which run filled it and whether that fill finished.
     None when no fill was ever recorded (or the marker queue does not exist)."""
@@ -150,6 +153,7 @@ class FillResult:
     skipped: bool  # True when this run's fill had already finished: nothing was published
 
 
+@rides_out_node_loss
 def fill_queue(
     cfg: BrokerConfig,
     qs: QueueSettings,
@@ -211,7 +215,10 @@ def fill_queue(
             conn.process_data_events(time_limit=0)
 
         before = int(passive(conn, cfg, qs.name).message_count)
-        confirmed = _Publisher(cfg, qs, items, run_id, window, on_progress, keepalive).run()
+        publisher = _Publisher(cfg, qs, items, run_id, window, on_progress, keepalive)
+        # The publishing connection goes to the node the session reached.
+        publisher.endpoint = getattr(conn, "queuejob_endpoint", None)
+        confirmed = publisher.run()
         _check_filled(conn, cfg, qs, before, confirmed)
         _write_marker(conn, cfg, qs, FillMarker(run_id, done=True, confirmed=confirmed))
     return FillResult(confirmed=confirmed, skipped=False)
@@ -280,6 +287,7 @@ class _Publisher:
         self.on_progress = on_progress
         self.keepalive = keepalive
         self.stall_s = max(_MIN_STALL_S, 3 * cfg.connect_timeout_s)
+        self.endpoint: Endpoint | None = None
         self.conn: Any = None
         self.channel: Any = None
         self.frames: FillFrames | None = None  # None: every message goes through pika
@@ -296,7 +304,7 @@ class _Publisher:
         self.progress_reported_at = 0.0
 
     def run(self) -> int:
-        params = connection_params(self.cfg, self.cfg.connect_timeout_s)
+        params = connection_params(self.cfg, self.cfg.connect_timeout_s, self.endpoint)
         self.conn = SelectConnection(
             params,
             on_open_callback=self._guard(self._on_open),
@@ -353,7 +361,9 @@ class _Publisher:
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
         if self.error is None:
-            self.error = translate_connect_error(exc, self.cfg, self.cfg.connect_timeout_s)
+            self.error = translate_connect_error(
+                exc, self.cfg, self.cfg.connect_timeout_s, self.endpoint
+            )
         self.conn.ioloop.stop()
 
     def _on_closed(self, _conn: Any, reason: BaseException) -> None:
