@@ -434,3 +434,18 @@ def test_blocks_save_and_load_through_the_prefect_api() -> None:
     assert loaded_tpl.to_job_spec() == tpl.to_job_spec()
     with pytest.raises(InvalidInput, match=f"job template '{names[1]}'"):
         loaded_tpl.to_job_spec(parallelism=0)
+
+
+def test_broker_block_with_several_hosts_names_each_node_in_its_url() -> None:
+    from queuejob.flows.adapters.broker import BrokerConfig
+
+    blk = broker(host="rabbit-0", hosts=["rabbit-1", "[fd00::2]:5673"])
+    assert blk.endpoint() == "rabbit-0:5672,rabbit-1:5672,[fd00::2]:5673/%2F"
+    cfg = BrokerConfig(blk.url())
+    assert [str(e) for e in cfg.endpoints] == ["rabbit-0:5672", "rabbit-1:5672", "[fd00::2]:5673"]
+    again = RabbitMQBroker.from_url(blk.url())
+    assert (again.host, again.hosts) == ("rabbit-0", ["rabbit-1:5672", "[fd00::2]:5673"])
+    assert "***" in blk.redacted_url() and blk.password.get_secret_value() not in repr(blk)
+    for bad in (["http://x"], ["a:b"], ["h:70000"]):
+        with pytest.raises(ValueError, match="hosts entry"):
+            broker(hosts=bad)
