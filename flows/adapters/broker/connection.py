@@ -413,18 +413,24 @@ def rides_out_node_loss(fn: Callable[P, T]) -> Callable[P, T]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         cfg = args[0]
         assert isinstance(cfg, BrokerConfig)
-        deadline = time.monotonic() + cfg.reconnect_s
-        attempt = 0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except BrokerUnavailable as exc:
-                attempt += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise
-                delay = random.uniform(0.25, min(5.0, 0.5 * 2 ** (attempt - 1)))
-                log.warning("%s: %s; trying again (up to %.0f s more)", fn.__name__, exc, remaining)
-                time.sleep(min(delay, remaining))
+        return ride_out(cfg, fn.__name__, lambda: fn(*args, **kwargs))
 
     return wrapper
+
+
+def ride_out(cfg: BrokerConfig, what: str, call: Callable[[], T]) -> T:
+    """``call()``, called again on `BrokerUnavailable` until ``cfg.reconnect_s`` has passed
+    (see `rides_out_node_loss`)."""
+    deadline = time.monotonic() + cfg.reconnect_s
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except BrokerUnavailable as exc:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            delay = random.uniform(0.25, min(5.0, 0.5 * 2 ** (attempt - 1)))
+            log.warning("%s: %s; trying again (up to %.0f s more)", what, exc, remaining)
+            time.sleep(min(delay, remaining))

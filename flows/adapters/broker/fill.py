@@ -41,6 +41,7 @@ from queuejob.flows.adapters.broker.connection import (
     connection_params,
     not_found,
     passive,
+    ride_out,
     rides_out_node_loss,
     session,
     translate_connect_error,
@@ -153,11 +154,10 @@ class FillResult:
     skipped: bool  # True when this run's fill had already finished: nothing was published
 
 
-@rides_out_node_loss
 def fill_queue(
     cfg: BrokerConfig,
     qs: QueueSettings,
-    items: Iterable[Item],
+    items: Iterable[Item] | Callable[[], Iterable[Item]],
     *,
     run_id: str,
     window: int = 1000,
@@ -181,11 +181,36 @@ def fill_queue(
     are consuming (the flow creates the Job only after the fill). ``on_progress(confirmed)``
     is called as confirms arrive. A second concurrent fill of the same queue raises
     `FillInProgress`. The queues must have been declared (`declare_queues`).
+
+    ``items`` may be a function that returns them: then a lost node or connection is ridden
+    out for ``cfg.reconnect_s`` (the fill starts again on a new connection, its marker
+    making that idempotent, with the items read anew); a list is read again the same way; a
+    one-shot iterator gets one attempt.
     """
     if not run_id:
         raise InvalidInput("run_id must be a non-empty string (the flow run id)")
     if not 1 <= window <= 100_000:
         raise InvalidInput(f"window must be between 1 and 100000 (got {window})")
+    if callable(items):
+        factory: Callable[[], Iterable[Item]] = items
+    elif iter(items) is items:
+        # A one-shot iterator cannot be read again: no riding out (the caller retries).
+        return _fill(cfg, qs, items, run_id, window, on_progress)
+    else:
+        factory = lambda: items  # noqa: E731 - a list or another re-iterable
+    return ride_out(
+        cfg, "fill_queue", lambda: _fill(cfg, qs, factory(), run_id, window, on_progress)
+    )
+
+
+def _fill(
+    cfg: BrokerConfig,
+    qs: QueueSettings,
+    items: Iterable[Item],
+    run_id: str,
+    window: int,
+    on_progress: Callable[[int], None] | None,
+) -> FillResult:
     with session(cfg) as conn:
         take_fill_lock(conn, cfg, qs)
         marker = _read_marker(conn, cfg, qs)
