@@ -19,6 +19,7 @@ import pika
 import pika.exceptions as pex
 
 from queuejob.flows.adapters.broker import (
+    CA_FILE_ENV,
     HEADER_FAILURES,
     ITEM_CONTENT_TYPE,
     PERSISTENT,
@@ -582,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             missing = [n for n, v in (("BROKER_URL", url), ("QUEUE", name)) if not v]
             raise Usage(f"set {' and '.join(missing)} in the environment (the Job sets both)")
         try:
-            cfg = BrokerConfig(url)
+            # A CA mounted by the Job (its template names a Secret or ConfigMap) wins over the
+            # one the URL names.
+            cfg = BrokerConfig(url, ca_file=os.environ.get(CA_FILE_ENV) or None)
             qs = QueueSettings(name)
         except QueueJobError as exc:
             raise Usage(str(exc)) from None

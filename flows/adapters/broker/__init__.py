@@ -59,6 +59,7 @@ The password of a broker URL never appears in a message, a log line or an except
 from __future__ import annotations
 
 from queuejob.flows.adapters.broker.config import (
+    CA_FILE_ENV,
     CLASSIC_STORAGE_ARGUMENTS,
     HEADER_DELIVERY_COUNT,
     HEADER_FAILURES,
@@ -104,6 +105,7 @@ from queuejob.flows.adapters.broker.topology import (
 )
 
 __all__ = [
+    "CA_FILE_ENV",
     "CLASSIC_STORAGE_ARGUMENTS",
     "HEADER_DELIVERY_COUNT",
     "HEADER_FAILURES",
