@@ -20,11 +20,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench import detection, fill, flow_overhead, memory, overhead, report, scale
+from bench import cluster, detection, fill, flow_overhead, memory, overhead, report, scale
 from bench.common import BROKER_ENV, MIN_RUNS, Context, FigureResult, machine_info, say
 
 FIGURES: dict[str, ModuleType] = {
-    m.KEY: m for m in (fill, memory, detection, overhead, flow_overhead, scale)
+    m.KEY: m for m in (fill, memory, detection, overhead, flow_overhead, scale, cluster)
 }
 NUMBERS = {str(i): key for i, key in enumerate(FIGURES, start=1)}
 
@@ -37,7 +37,7 @@ def _select(only: str | None) -> list[str]:
         name = NUMBERS.get(raw.strip(), raw.strip())
         if name not in FIGURES:
             raise SystemExit(
-                f"unknown figure {raw.strip()!r}; choose from {', '.join(FIGURES)} (or 1-6)"
+                f"unknown figure {raw.strip()!r}; choose from {', '.join(FIGURES)} (or 1-7)"
             )
         if name not in chosen:
             chosen.append(name)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, run the figures, write the results, return the exit code."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "--only", help=f"comma-separated figures to run: {', '.join(FIGURES)} (or 1-6)"
+        "--only", help=f"comma-separated figures to run: {', '.join(FIGURES)} (or 1-7)"
     )
     parser.add_argument(
         "--quick", action="store_true", help="smaller sizes, for development; no tables written"

@@ -160,7 +160,7 @@ def readme_section(results: dict[str, Any]) -> str:
         SECTION,
         "",
         _wrap(
-            "`make bench` measures six figures, each beside its baseline (the docs' own way, or "
+            "`make bench` measures seven figures, each beside its baseline (the docs' own way, or "
             "the obvious alternative) in the same run, and exits non-zero when one misses its "
             "target; `make bench BENCH_ARGS='--only fill,detection'` runs some of them, "
             "`--quick` runs smaller sizes. The latest full run (method: `bench/RESULTS.md` and "

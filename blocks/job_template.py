@@ -137,6 +137,20 @@ class WorkQueueJobTemplate(Block):
         default_factory=dict,
         description="Extra labels for the Job and its pods (queuejob adds its own).",
     )
+    broker_ca_secret: str | None = Field(
+        default=None,
+        description="For a TLS broker signed by a private CA: a Secret in the namespace holding "
+        "the CA bundle (key 'broker_ca_key'). It is mounted into the worker pods, which verify "
+        "the broker with it.",
+    )
+    broker_ca_configmap: str | None = Field(
+        default=None,
+        description="The same from a ConfigMap instead of a Secret (give one of the two).",
+    )
+    broker_ca_key: str = Field(
+        default="ca.crt",
+        description="The key of the CA bundle (PEM) in that Secret or ConfigMap.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -49,6 +49,12 @@ class RabbitMQBroker(Block):
         description="Broker host name or IP address as seen from the flow run and the worker "
         "pods, e.g. 'rabbitmq-service.default.svc'. No scheme, port or credentials.",
     )
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="More nodes of the same RabbitMQ cluster, each 'host' or 'host:port' (the "
+        "port defaults to 'port'), tried in turn after 'host' when a node does not answer. "
+        "Leave empty when one Service name reaches every node (the usual setup).",
+    )
     port: int = Field(
         default=DEFAULT_PORT,
         ge=1,
@@ -104,6 +110,20 @@ class RabbitMQBroker(Block):
             )
         return value.strip("[]")
 
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        out = []
+        for entry in value:
+            host, port = _split_host_port(entry)
+            if not _HOST.fullmatch(host) or (port is not None and not 1 <= port <= 65535):
+                raise ValueError(
+                    f"hosts entry {entry!r} is not 'host' or 'host:port': give a host name or "
+                    "IP address (IPv6 in brackets), optionally with a port"
+                )
+            out.append(entry.strip())
+        return out
+
     @field_validator("ca_file")
     @classmethod
     def _ca_file(cls, value: str | None) -> str | None:
@@ -121,7 +141,9 @@ class RabbitMQBroker(Block):
         return self
 
     def url(self) -> str:
-        """The AMQP URL (pika's `URLParameters` format) for the run's Secret, password included.
+        """The AMQP URL for the run's Secret, password included (with `hosts`, the host part
+        names every node: ``amqp://user:pw@h1:5672,h2:5672/vhost``, which queuejob's flow and
+        worker go through in turn).
 
         The vhost and credentials are percent-encoded; ``heartbeat``, ``socket_timeout`` and
         ``stack_timeout`` (twice the connect timeout) are query parameters, and with a CA file
@@ -134,12 +156,22 @@ class RabbitMQBroker(Block):
         return self._build_url(REDACTED)
 
     def endpoint(self) -> str:
-        """``host:port/vhost``, for messages that name the broker."""
-        return f"{self._netloc_host()}:{self.port}/{quote(self.vhost, safe='')}"
+        """``host:port/vhost`` (``h1:5672,h2:5672/vhost`` with more hosts), for messages that
+        name the broker."""
+        return f"{self._netloc_hosts()}/{quote(self.vhost, safe='')}"
 
     def _netloc_host(self) -> str:
         # An IPv6 address needs brackets in a URL.
         return f"[{self.host}]" if ":" in self.host else self.host
+
+    def _netloc_hosts(self) -> str:
+        """Every node as ``host:port``, comma-separated: the URL's host part."""
+        nodes = [f"{self._netloc_host()}:{self.port}"]
+        for entry in self.hosts:
+            host, port = _split_host_port(entry)
+            shown = f"[{host}]" if ":" in host else host
+            nodes.append(f"{shown}:{port if port is not None else self.port}")
+        return ",".join(nodes)
 
     def _build_url(self, secret: str) -> str:
         # `secret` arrives percent-encoded (or as the REDACTED marker).
@@ -154,7 +186,7 @@ class RabbitMQBroker(Block):
             # pika evaluates this with ast.literal_eval and loads the CA into a verifying context.
             query["ssl_options"] = repr({"ca_certs": self.ca_file})
         return (
-            f"{scheme}://{user}:{secret}@{self._netloc_host()}:{self.port}/"
+            f"{scheme}://{user}:{secret}@{self._netloc_hosts()}/"
             f"{quote(self.vhost, safe='')}?{urlencode(query)}"
         )
 
@@ -200,6 +232,12 @@ def _parse_url(url: str) -> dict[str, Any]:
             "broker URL has an '@' after the host: percent-encode '/', '?', '#' and '@' in the "
             "user name and password (e.g. with urllib.parse.quote(password, safe=''))"
         )
+    netloc_hosts = parts.netloc.rpartition("@")[2]
+    more: list[str] = []
+    if "," in netloc_hosts:
+        first, *rest = netloc_hosts.split(",")
+        more = [r.strip() for r in rest]
+        parts = parts._replace(netloc=parts.netloc[: len(parts.netloc) - len(netloc_hosts)] + first)
     try:
         host = parts.hostname
         port = parts.port
@@ -223,6 +261,10 @@ def _parse_url(url: str) -> dict[str, Any]:
         "username": "guest",
         "password": SecretStr("guest"),
     }
+    if more:
+        if not all(more):
+            raise ConfigError(f"broker URL for host {host!r} has an empty entry in its host list")
+        values["hosts"] = more
     if parts.username is not None:
         if parts.password is None:
             raise ConfigError(
@@ -288,3 +330,19 @@ def _ca_from_ssl_options(raw: str, *, host: str, tls: bool) -> str | None:
         )
     ca = opts.get("ca_certs") or opts.get("cafile")
     return str(ca) if ca is not None else None
+
+
+def _split_host_port(entry: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` as (host, port or None); a port that is
+    not a number gives port -1 (rejected by the caller)."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, _, port_text = entry.partition(":")
+    else:
+        host, port_text = entry, ""
+    if not port_text:
+        return host, None
+    return host, int(port_text) if port_text.isdigit() else -1

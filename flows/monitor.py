@@ -104,6 +104,9 @@ class RunMonitor:
     def __enter__(self) -> RunMonitor:
         if self.max_unacked < 2:
             raise ValueError(f"max_unacked must be at least 2 (got {self.max_unacked})")
+        # The monitor rides out a lost broker itself, tick by tick, while it keeps watching the
+        # Job: its calls must fail at once rather than wait out the reconnect window.
+        self.cfg = self.cfg.with_options(reconnect_s=0.0)
         self._consumer = broker_io.ResultsConsumer(
             self.cfg, self.qs, run_id=self.ledger.run_id, prefetch=self.max_unacked
         )

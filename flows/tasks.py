@@ -265,8 +265,9 @@ def fill_queue(
     on_progress: Callable[[int], None] | None = None,
 ) -> broker_io.FillResult:
     """Publish every item, persistent and confirmed; idempotent for the same run."""
+    # A function, not the items: a fill cut by a lost node starts again with them read anew.
     return broker_io.fill_queue(
-        cfg, qs, source_items(source), run_id=run_id, on_progress=on_progress
+        cfg, qs, lambda: source_items(source), run_id=run_id, on_progress=on_progress
     )
 
 

@@ -326,7 +326,9 @@ def prepare(
     qs = broker_io.QueueSettings(
         name=queue.name, queue_type=queue.type, delivery_limit=queue.delivery_limit
     )
-    cfg = tasks.resolve_broker(broker_block)
+    # Every broker call of the run rides out a lost node (or connection) as long as the run
+    # waits for the broker at its start.
+    cfg = tasks.resolve_broker(broker_block).with_options(reconnect_s=broker_wait_seconds)
     choice = tasks.BackendChoice(kind=backend, credentials_block=kubernetes_credentials_block)
     n_items = tasks.validate_items(items)
     logger.info("%d items from %s; broker %s", n_items, items.describe(), cfg.redacted())

@@ -14,6 +14,10 @@ Usage:
   scripts/broker.py stop            stop the private broker if this checkout started one
   scripts/broker.py run -- CMD ...  ensure, run CMD with QUEUEJOB_TEST_BROKER_URL set, then stop
                                     the private broker if this call started it
+  scripts/broker.py run --rabbitmq4 -- CMD ...
+                                    the same with a private RabbitMQ 4 (Debian trixie's
+                                    rabbitmq-server in the chroot scripts/rabbitmq4.sh builds),
+                                    whatever else is running
 
 The password in a URL is never printed.
 """
@@ -139,22 +143,37 @@ def find_server() -> str | None:
     return shutil.which("rabbitmq-server")
 
 
-def private_env(port: int, dist_port: int, epmd_port: int) -> dict[str, str]:
-    home = STATE_DIR / "home"
-    for sub in (home, STATE_DIR / "mnesia", STATE_DIR / "log"):
+def private_env(
+    port: int, dist_port: int, epmd_port: int, state: Path = STATE_DIR, inside: Path | None = None
+) -> dict[str, str]:
+    """The server's environment; its files under ``state``, named as ``inside`` (the same
+    directory as seen from within a chroot)."""
+    home = state / "home"
+    for sub in (home, state / "mnesia", state / "log"):
         sub.mkdir(parents=True, exist_ok=True)
-    plugins = STATE_DIR / "enabled_plugins"
+    plugins = state / "enabled_plugins"
     if not plugins.exists():
         plugins.write_text("[].\n")
-    conf = STATE_DIR / "rabbitmq.conf"
+    conf = state / "rabbitmq.conf"
     conf.write_text(
         "loopback_users.guest = true\n"
         f"listeners.tcp.default = 127.0.0.1:{port}\n"
         "vm_memory_high_watermark.relative = 0.2\n"
         "disk_free_limit.absolute = 50MB\n"
     )
+    env = _server_env(port, dist_port, epmd_port, inside or state)
+    if inside is None:
+        return {**os.environ, **env}
+    # In the chroot only what the server needs: the host's PATH and libraries are not there.
+    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **env}
+
+
+def _server_env(port: int, dist_port: int, epmd_port: int, state: Path) -> dict[str, str]:
+    home = state / "home"
+    plugins = state / "enabled_plugins"
+    conf = state / "rabbitmq.conf"
+    STATE = state
     return {
-        **os.environ,
         "HOME": str(home),
         "RABBITMQ_NODENAME": "queuejob@localhost",
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
@@ -162,32 +181,56 @@ def private_env(port: int, dist_port: int, epmd_port: int) -> dict[str, str]:
         "RABBITMQ_DIST_PORT": str(dist_port),
         "ERL_EPMD_PORT": str(epmd_port),
         "ERL_EPMD_ADDRESS": "127.0.0.1",
-        "RABBITMQ_MNESIA_BASE": str(STATE_DIR / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(STATE_DIR / "log"),
+        "RABBITMQ_MNESIA_BASE": str(STATE / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(STATE / "log"),
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins),
         "RABBITMQ_CONFIG_FILE": str(conf.with_suffix("")),
-        "RABBITMQ_PID_FILE": str(STATE_DIR / "rabbit.pid"),
-        "RABBITMQ_FEATURE_FLAGS_FILE": str(STATE_DIR / "feature_flags"),
-        "ERL_CRASH_DUMP": str(STATE_DIR / "erl_crash.dump"),
+        "RABBITMQ_PID_FILE": str(STATE / "rabbit.pid"),
+        "RABBITMQ_FEATURE_FLAGS_FILE": str(STATE / "feature_flags"),
+        "ERL_CRASH_DUMP": str(STATE / "erl_crash.dump"),
     }
 
 
-def start_private() -> str:
-    binary = find_server()
-    if binary is None:
-        install_rabbitmq()
+def rabbitmq4_root() -> Path:
+    """The RabbitMQ 4 chroot, built (once, cached outside the repository) if missing."""
+    script = ROOT / "scripts" / "rabbitmq4.sh"
+    res = subprocess.run(["bash", str(script), "build"], stdin=subprocess.DEVNULL, check=False)
+    if res.returncode != 0:
+        raise BrokerNotFound("the RabbitMQ 4 chroot could not be built (scripts/rabbitmq4.sh)")
+    out = subprocess.run(
+        ["bash", str(script), "root"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if not out:
+        raise BrokerNotFound("the RabbitMQ 4 chroot is missing after its build")
+    return Path(out)
+
+
+def start_private(chroot: Path | None = None) -> str:
+    state = STATE_DIR
+    inside: Path | None = None
+    if chroot is not None:
+        # The data lives inside the chroot, where the server sees it.
+        inside = Path("/var/lib/queuejob-test-broker")
+        state = chroot / inside.relative_to("/")
+        command = ["chroot", str(chroot), "/usr/lib/rabbitmq/bin/rabbitmq-server"]
+    else:
         binary = find_server()
         if binary is None:
-            raise BrokerNotFound("rabbitmq-server is still missing after the install")
+            install_rabbitmq()
+            binary = find_server()
+            if binary is None:
+                raise BrokerNotFound("rabbitmq-server is still missing after the install")
+        command = [binary]
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     # Fresh data on every start: queues left by an earlier session must not leak into this one.
-    shutil.rmtree(STATE_DIR / "mnesia", ignore_errors=True)
+    shutil.rmtree(state / "mnesia", ignore_errors=True)
     port, dist_port, epmd_port = free_port(), free_port(), free_port()
-    env = private_env(port, dist_port, epmd_port)
-    say(f"starting a private rabbitmq-server on 127.0.0.1:{port} (data in .cache/rabbitmq)")
+    env = private_env(port, dist_port, epmd_port, state, inside)
+    which = "RabbitMQ 4 (chroot)" if chroot is not None else "rabbitmq-server"
+    say(f"starting a private {which} on 127.0.0.1:{port}")
     log = open(STATE_DIR / "server.out", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [binary],
+        command,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -218,8 +261,10 @@ def start_private() -> str:
     )
 
 
-def ensure() -> tuple[str, bool]:
+def ensure(rabbitmq4: bool = False) -> tuple[str, bool]:
     """Return (url, started_here)."""
+    if rabbitmq4:
+        return start_private(rabbitmq4_root()), True
     env_url = os.environ.get("QUEUEJOB_TEST_BROKER_URL")
     if env_url:
         host, port = host_port(env_url)
@@ -289,12 +334,18 @@ def main(argv: list[str]) -> int:
             return 0
         if cmd == "run":
             rest = argv[1:]
+            rabbitmq4 = rest[:1] == ["--rabbitmq4"]
+            if rabbitmq4:
+                rest = rest[1:]
+                # Its own state file: a 3.x broker this checkout started stays untouched.
+                global STATE_FILE
+                STATE_FILE = STATE_DIR / "state-rabbitmq4.json"
             if rest[:1] == ["--"]:
                 rest = rest[1:]
             if not rest:
-                print("usage: broker.py run -- CMD ...", file=sys.stderr)
+                print("usage: broker.py run [--rabbitmq4] -- CMD ...", file=sys.stderr)
                 return 2
-            url, started = ensure()
+            url, started = ensure(rabbitmq4)
             try:
                 env = {**os.environ, "QUEUEJOB_TEST_BROKER_URL": url}
                 return subprocess.call(rest, env=env)

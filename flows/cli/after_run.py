@@ -139,10 +139,13 @@ DEAD_LETTER_LIST_CAP = 1000
 def _broker_config(broker_block: str | None) -> Any:
     """The broker from a RabbitMQBroker block, else QUEUEJOB_BROKER_URL (without importing
     Prefect when no block is named)."""
+    # A lost node or connection is ridden out this long (the dead-letter requeue carries on
+    # from where it was: its tokens make it idempotent).
+    reconnect_s = 60.0
     if broker_block:
         from queuejob.flows.tasks import resolve_broker
 
-        return resolve_broker(broker_block)
+        return resolve_broker(broker_block).with_options(reconnect_s=reconnect_s)
     from queuejob.flows.adapters.broker import BrokerConfig
     from queuejob.flows.core.errors import ConfigError
 
@@ -152,7 +155,7 @@ def _broker_config(broker_block: str | None) -> Any:
             "no broker configured: pass --broker-block <name of a RabbitMQBroker block>, or set "
             "QUEUEJOB_BROKER_URL"
         )
-    return BrokerConfig(url=url)
+    return BrokerConfig(url=url, reconnect_s=reconnect_s)
 
 
 def add_dead_letter_options(p: argparse.ArgumentParser) -> None:

@@ -276,8 +276,14 @@ def cmd_render(args: argparse.Namespace, command: list[str]) -> int:
         args.items = ["placeholder"]  # render needs no items: completions come from --items-count
     try:
         kwargs = flow_kwargs(args, command)
-        # As the local backend does: without --image, the manifest shows a placeholder image.
-        spec = job_spec_for_run(kwargs["job"], args.mode, "local", names=OPTION_NAMES)
+        if kwargs["job"].template_block:
+            # The block with these options on top, as a run makes it (loads it from Prefect).
+            from queuejob.flows.tasks import resolve_job_spec
+
+            spec = resolve_job_spec(kwargs["job"], args.mode, "local")
+        else:
+            # As the local backend does: without --image, the manifest shows a placeholder image.
+            spec = job_spec_for_run(kwargs["job"], args.mode, "local", names=OPTION_NAMES)
         name = job_name(spec.name_prefix, args.run_id)
         completions = args.completions if args.completions != "auto" else args.items_count
         if args.mode == "fine":

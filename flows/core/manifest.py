@@ -23,6 +23,11 @@ QUEUE_ANNOTATION = "queuejob.io/queue"
 APP_NAME = "queuejob"
 SECRET_KEY = "BROKER_URL"
 CONTAINER_NAME = "worker"
+# The broker's CA bundle in a pod, when the Job template names a Secret or ConfigMap holding it:
+# mounted read-only here, and named to the worker by CA_FILE_ENV.
+CA_VOLUME = "broker-ca"
+CA_MOUNT_DIR = "/etc/queuejob/broker-ca"
+CA_FILE_ENV = "QUEUEJOB_BROKER_CA_FILE"
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_FRAGMENT = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -51,6 +56,11 @@ def check_dns1123_label(value: str, what: str) -> str:
             "digits and '-', starting and ending with a letter or digit"
         )
     return value
+
+
+def is_dns1123_subdomain(value: str) -> bool:
+    """True when value may name a Secret or ConfigMap (a DNS-1123 subdomain)."""
+    return len(value) <= 253 and all(_DNS1123_LABEL.fullmatch(p) for p in value.split("."))
 
 
 def check_image(value: str) -> str:
@@ -156,6 +166,19 @@ class JobSpec(BaseModel):
         default=(), description="Names of Secrets used to pull the image."
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels.")
+    broker_ca_secret: str | None = Field(
+        default=None,
+        description="A Secret holding the CA bundle that signed the broker's TLS certificate: "
+        "mounted into the pods, which verify the broker with it.",
+    )
+    broker_ca_configmap: str | None = Field(
+        default=None,
+        description="The same from a ConfigMap (give one of the two).",
+    )
+    broker_ca_key: str = Field(
+        default="ca.crt",
+        description="The key of the CA bundle in that Secret or ConfigMap.",
+    )
 
     @field_validator("image")
     @classmethod
@@ -184,10 +207,22 @@ class JobSpec(BaseModel):
             "QUEUEJOB_RUN_ID",
             "POD_NAME",
             "QUEUEJOB_DELIVERY_LIMIT",
+            CA_FILE_ENV,
         } & set(value)
         if reserved:
             raise ValueError(f"env may not set {sorted(reserved)}: queuejob sets them itself")
         return value
+
+    @model_validator(mode="after")
+    def _one_ca_source(self) -> JobSpec:
+        if self.broker_ca_secret and self.broker_ca_configmap:
+            raise ValueError("give one of 'broker_ca_secret' and 'broker_ca_configmap', not both")
+        for name in (self.broker_ca_secret, self.broker_ca_configmap):
+            if name is not None and not is_dns1123_subdomain(name):
+                raise ValueError(f"{name!r} is not a valid Secret or ConfigMap name")
+        if not re.fullmatch(r"[-._a-zA-Z0-9]+", self.broker_ca_key):
+            raise ValueError(f"broker_ca_key {self.broker_ca_key!r} is not a valid key name")
+        return self
 
     @model_validator(mode="after")
     def _command_or_call(self) -> JobSpec:
@@ -280,6 +315,13 @@ def build_job(
         "command": worker_command(spec),
         "env": env,
     }
+    ca_source = _ca_volume_source(spec)
+    if ca_source is not None:
+        # The broker's CA, for a TLS broker signed by a private CA: a read-only volume.
+        env.append({"name": CA_FILE_ENV, "value": f"{CA_MOUNT_DIR}/{spec.broker_ca_key}"})
+        container["volumeMounts"] = [
+            {"name": CA_VOLUME, "mountPath": CA_MOUNT_DIR, "readOnly": True}
+        ]
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
     if spec.resources:
@@ -293,6 +335,8 @@ def build_job(
         pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.image_pull_secrets]
+    if ca_source is not None:
+        pod_spec["volumes"] = [{"name": CA_VOLUME, **ca_source}]
 
     job_spec: dict[str, Any] = {"parallelism": spec.parallelism}
     if completions is not None:
@@ -320,3 +364,13 @@ def build_job(
         },
         "spec": job_spec,
     }
+
+
+def _ca_volume_source(spec: JobSpec) -> dict[str, Any] | None:
+    """The volume source of the broker's CA bundle (only its key, as ``<key>``), or None."""
+    items = [{"key": spec.broker_ca_key, "path": spec.broker_ca_key}]
+    if spec.broker_ca_secret:
+        return {"secret": {"secretName": spec.broker_ca_secret, "items": items}}
+    if spec.broker_ca_configmap:
+        return {"configMap": {"name": spec.broker_ca_configmap, "items": items}}
+    return None

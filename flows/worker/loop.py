@@ -19,6 +19,7 @@ import pika
 import pika.exceptions as pex
 
 from queuejob.flows.adapters.broker import (
+    CA_FILE_ENV,
     HEADER_FAILURES,
     ITEM_CONTENT_TYPE,
     PERSISTENT,
@@ -50,6 +51,16 @@ _POLL_EVERY = 32  # items between looks at the connection while messages are hel
 _DRAIN_S = 30.0  # at the end, how long to wait for the last confirms
 _SIGNAL_DRAIN_S = 5.0  # the same after a signal or a refused record
 _QUIET_S = 0.25  # after a failure, no delivery for this long: the broker sent what it had
+
+# What a lost connection raises, whichever call meets it first (a node died or restarted, a
+# balancer dropped the connection): the worker connects again (`Worker._recover`).
+LOST = (
+    pex.AMQPConnectionError,
+    pex.ConnectionWrongStateError,
+    pex.ChannelWrongStateError,
+    pex.StreamLostError,
+    ConnectionError,
+)
 
 
 class Worker:
@@ -86,6 +97,9 @@ class Worker:
         self.failed = 0
         self.processed = 0
         self.held = 0  # messages delivered and not yet acked or rejected
+        self.gen = 0  # the connection the deliveries held belong to (one more per reconnect)
+        self.lost: BaseException | None = None  # noted by the keeper thread mid-call
+        self.lost_items = 0  # items done whose message went back with a lost connection
         # A command's environment: the pod's, minus the broker URL (a function gets the body only).
         self.env = {k: v for k, v in os.environ.items() if k != "BROKER_URL"}
 
@@ -101,6 +115,7 @@ class Worker:
     def run(self) -> int:
         try:
             self.conn = connect(self.cfg, deadline_s=self.opts.connect_timeout_s)
+            self._note_node()
         except BrokerAuthError as exc:
             self.say(f"error: {exc}")
             return EXIT_USAGE
@@ -142,7 +157,19 @@ class Worker:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _note_node(self) -> None:
+        if len(self.cfg.endpoints) > 1:
+            self.say(f"connected to {getattr(self.conn, 'queuejob_endpoint', '?')}")
+
     def _serve(self) -> int:
+        self._setup()
+        if self.call is not None:
+            threading.Thread(target=self._keep, name="queuejob-keeper", daemon=True).start()
+        return self._loop()
+
+    def _setup(self) -> None:
+        """Open the publisher's and the work channel on the connection and start consuming
+        (unless a failure already stopped that)."""
         conn = self.conn
         pub = conn.channel()
         records = True
@@ -178,10 +205,36 @@ class Worker:
             raise
         work.basic_qos(prefetch_count=self.prefetch)
         self.work = work
+        if self.gen and (self.failed or (self.opts.mode == "coarse" and self.processed)):
+            # Stopping after a failure, or a coarse worker that had its one item: take no new
+            # messages on the new connection.
+            return
         self.consumer_tag = work.basic_consume(self.qs.name, self._on_delivery, auto_ack=False)
-        if self.call is not None:
-            threading.Thread(target=self._keep, name="queuejob-keeper", daemon=True).start()
-        return self._loop()
+
+    def _recover(self, exc: BaseException) -> None:
+        """A lost connection: forget what the dead one held (the broker delivers those messages
+        again), connect again within ``--reconnect-timeout`` and set up as at the start. Raises
+        the error when the window is 0 and `BrokerUnavailable` when no node answered in it."""
+        if self.opts.reconnect_timeout_s <= 0:
+            raise exc
+        held = self.held
+        self.say(
+            f"lost the connection to the broker ({type(exc).__name__}: {exc}); the "
+            f"{held} message(s) held unacked go back to the queue and come again as a further "
+            f"attempt; connecting again for up to {self.opts.reconnect_timeout_s:g} s"
+        )
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self.deliveries.clear()
+        self.held = 0
+        self.consumer_tag = None
+        self.lost = None
+        self.gen += 1
+        self.conn = connect(self.cfg, deadline_s=self.opts.reconnect_timeout_s)
+        self._setup()
+        self.say(
+            f"connected again to {getattr(self.conn, 'queuejob_endpoint', self.cfg.describe())}"
+        )
 
     def _keep(self) -> None:
         """While a ``--call`` function runs on the main thread for longer than a moment, serve
@@ -208,8 +261,11 @@ class Worker:
                         with contextlib.suppress(Exception):
                             stream.flush()
                     os._exit(code)
-                self._io(time_limit=0)
-                self._settle()
+                if self.lost is None:
+                    self._io(time_limit=0)
+                    self._settle()
+            except LOST as exc:  # the main thread connects again once the call is over
+                self.lost = exc
             except Exception as exc:  # the main thread meets the same error after the call
                 self.say(f"warning: serving the connection during a call: {exc!r}")
                 return
@@ -226,7 +282,8 @@ class Worker:
         """Take no more messages. pika rejects (requeues) deliveries not yet handed to us."""
         if self.consumer_tag is not None:
             tag, self.consumer_tag = self.consumer_tag, None
-            self.work.basic_cancel(tag)
+            if self.lost is None:
+                self.work.basic_cancel(tag)
 
     # -- the connection and settling -------------------------------------------------------------
 
@@ -252,8 +309,16 @@ class Worker:
         deadline = time.monotonic() + timeout_s
         self._settle()
         while self.out.settling and time.monotonic() < deadline:
-            self._io(time_limit=_TICK_S)
-            self._settle()
+            try:
+                self._io(time_limit=_TICK_S)
+                self._settle()
+            except LOST as exc:
+                # The records not confirmed may be lost with the connection: their messages
+                # were not acked, and come again. Publish nothing more on a dead connection.
+                self.say(f"warning: lost the connection while settling ({exc!r})")
+                self.lost_items += len(self.out.settling)
+                self.out.settling.clear()
+                break
         if self.out.settling:
             self.say(
                 f"warning: {len(self.out.settling)} outcome record(s) not confirmed within "
@@ -266,58 +331,69 @@ class Worker:
         idle_since = time.monotonic()
         since_poll = 0
         while True:
-            if self.signal is not None:
-                return self._stop_on_signal(None)
-            if self.out.refused is not None:
-                return self._stop_refused()
-            if self.deliveries:
-                delivery = self.deliveries.popleft()
-                if self.opts.mode == "coarse":
+            try:
+                if self.signal is not None:
+                    return self._stop_on_signal(None)
+                if self.out.refused is not None:
+                    return self._stop_refused()
+                if self.deliveries:
+                    delivery = self.deliveries.popleft()
+                    if self.opts.mode == "coarse":
+                        self._cancel()
+                    code = self._handle(*delivery)
+                    if code is not None:
+                        return code
+                    if self.opts.mode == "coarse":
+                        return self._finish()
+                    idle_since = time.monotonic()
+                    since_poll += 1
+                    # Confirms and deliveries are read between items: always when the window we
+                    # hold is used up, else now and then, so acks keep the window moving.
+                    if not self.deliveries or since_poll >= _POLL_EVERY:
+                        since_poll = 0
+                        self._io(time_limit=0)
+                        self._settle()
+                    continue
+                if self.failed and self.consumer_tag is not None:
+                    # After a failure: do the messages the broker already sent, then stop. With
+                    # nothing acked since, it sends no more once the window is full; short of that,
+                    # a quiet moment means the queue has no more for us.
+                    if self.held < self.prefetch:
+                        self._io(time_limit=_QUIET_S)
+                        if self.deliveries:
+                            continue
                     self._cancel()
-                code = self._handle(*delivery)
-                if code is not None:
-                    return code
-                if self.opts.mode == "coarse":
+                if self.failed or self.consumer_tag is None:
                     return self._finish()
-                idle_since = time.monotonic()
-                since_poll += 1
-                # Confirms and deliveries are read between items: always when the window we
-                # hold is used up, else now and then, so acks keep the window moving.
-                if not self.deliveries or since_poll >= _POLL_EVERY:
-                    since_poll = 0
-                    self._io(time_limit=0)
+                if (
+                    self.out.settling
+                ):  # records in flight: wait for their confirms, not for the idle time
+                    self._io(time_limit=_TICK_S)
                     self._settle()
-                continue
-            if self.failed and self.consumer_tag is not None:
-                # After a failure: do the messages the broker already sent, then stop. With
-                # nothing acked since, it sends no more once the window is full; short of that,
-                # a quiet moment means the queue has no more for us.
-                if self.held < self.prefetch:
-                    self._io(time_limit=_QUIET_S)
-                    if self.deliveries:
-                        continue
-                self._cancel()
-            if self.failed or self.consumer_tag is None:
-                return self._finish()
-            if (
-                self.out.settling
-            ):  # records in flight: wait for their confirms, not for the idle time
-                self._io(time_limit=_TICK_S)
+                    idle_since = time.monotonic()
+                    continue
+                remaining = self.opts.idle_timeout_s - (time.monotonic() - idle_since)
+                if remaining <= 0:
+                    self._cancel()
+                    return self._idle_exit(time.monotonic() - idle_since)
+                self._io(time_limit=min(remaining, _TICK_S))
                 self._settle()
+            except LOST as exc:
+                self._recover(exc)
                 idle_since = time.monotonic()
-                continue
-            remaining = self.opts.idle_timeout_s - (time.monotonic() - idle_since)
-            if remaining <= 0:
-                self._cancel()
-                return self._idle_exit(time.monotonic() - idle_since)
-            self._io(time_limit=min(remaining, _TICK_S))
-            self._settle()
 
     def _finish(self) -> int:
         """Every item taken is done: settle them all and say how it went."""
         self._drain()
         if self.out.refused is not None:
             return self._stop_refused()
+        if self.opts.mode == "coarse" and self.lost_items:
+            self.say(
+                "error: the message of this pod's item went back to the queue with the lost "
+                "connection (it comes again, to another pod): exiting 3 so that the Job starts "
+                "a pod for it"
+            )
+            return EXIT_BROKER
         if self.opts.mode == "fine":
             self.say(
                 f"done: {self.processed} item(s), {self.failed} failed; a failed item stops the "
@@ -381,12 +457,16 @@ class Worker:
             if self.executor is not None:  # a stopped command's exit code and stderr
                 self.executor.stop(self.opts.grace_s)
                 res = self.executor.result(1.0)
-            self.out.publish_record(item.record(INTERRUPTED, res, time.monotonic() - started))
-        for method, props, body in held:
-            del method
-            item = Item.of(props, body, self.run_id, self.pod)
-            note = f"not started: the worker stopped on signal {self.signal}\n"
-            self.out.publish_record(item.record(INTERRUPTED, None, 0.0, note))
+        if self.lost is not None:
+            return _signal_exit(self.signal)  # no connection: everything held comes again
+        with contextlib.suppress(*LOST):
+            if current is not None:
+                self.out.publish_record(item.record(INTERRUPTED, res, time.monotonic() - started))
+            for method, props, body in held:
+                del method
+                item = Item.of(props, body, self.run_id, self.pod)
+                note = f"not started: the worker stopped on signal {self.signal}\n"
+                self.out.publish_record(item.record(INTERRUPTED, None, 0.0, note))
         self._drain(_SIGNAL_DRAIN_S)
         return _signal_exit(self.signal)
 
@@ -403,6 +483,7 @@ class Worker:
         if self.chatty:
             self.say(f"item {item.item_id!r} attempt {item.attempt}: started")
         started = time.monotonic()
+        gen = self.gen
         if self.call is not None:
             self.calling = (item, started)
             self.io.release()
@@ -418,12 +499,20 @@ class Worker:
             while res is None:
                 if self.signal is not None:
                     return self._stop_on_signal((item, started))
-                self._io(time_limit=0)
-                self._settle()
+                if self.lost is None:
+                    try:
+                        self._io(time_limit=0)
+                        self._settle()
+                    except LOST as exc:  # the item goes on; connect again once it is done
+                        self.lost = exc
                 res = self.executor.result(_TICK_S)
         assert res is not None
         duration = time.monotonic() - started
         self.processed += 1
+        if self.lost is not None:
+            self._recover(self.lost)
+        if gen != self.gen:
+            return self._orphaned(item, res, duration)
         if res.exit_code == 0:
             seq = self.out.publish_record(item.record(SUCCEEDED, res, duration))
             self.out.settle_after(seq, "ack", method.delivery_tag, item.item_id)
@@ -463,6 +552,20 @@ class Worker:
         )
         return None
 
+    def _orphaned(self, item: Item, res: Result, duration: float) -> int | None:
+        """An item whose message went back with a lost connection: record what it did on the
+        new connection (the ledger shows this attempt and the next), settle nothing."""
+        self.lost_items += 1
+        status = SUCCEEDED if res.exit_code == 0 else FAILED
+        self.out.publish_record(item.record(status, res, duration))
+        if res.exit_code != 0:
+            self.failed += 1
+        self.say(
+            f"item {item.item_id!r} attempt {item.attempt}: {status} in {duration:.2f} s, "
+            "after its message went back with the lost connection: it comes again"
+        )
+        return None
+
 
 def _signal_exit(signum: int) -> int:
     return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
@@ -480,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             missing = [n for n, v in (("BROKER_URL", url), ("QUEUE", name)) if not v]
             raise Usage(f"set {' and '.join(missing)} in the environment (the Job sets both)")
         try:
-            cfg = BrokerConfig(url)
+            # A CA mounted by the Job (its template names a Secret or ConfigMap) wins over the
+            # one the URL names.
+            cfg = BrokerConfig(url, ca_file=os.environ.get(CA_FILE_ENV) or None)
             qs = QueueSettings(name)
         except QueueJobError as exc:
             raise Usage(str(exc)) from None

@@ -49,6 +49,17 @@ Per item:
   items already done once their records are confirmed, close the connection without acking
   the rest (the broker redelivers them) and exit 143 (130).
 
+A lost connection (a broker node that died or restarted, a balancer that dropped it): the
+worker connects again, through the next node when ``BROKER_URL`` names several
+(``amqp://user:pw@h1:5672,h2:5672/vhost``), for up to ``--reconnect-timeout`` seconds, and
+carries on. The messages it held unacked go back to the queue: the broker delivers them again,
+to it or another worker, and they show as a further attempt, never as a loss. An item running
+when the connection went finishes, and its record is published on the new connection (its
+message cannot be acked any more: it comes again). A coarse worker whose item's message went
+back exits 3 after that record, so that the Job starts a pod for it. With a TLS broker
+(``amqps://``) the CA bundle is ``QUEUEJOB_BROKER_CA_FILE`` (set by the Job when its template
+names a CA Secret or ConfigMap), else the one the URL names, else the system's.
+
 Records carry the item id (the message id), its index, the attempt (1 + the quorum queue's
 ``x-delivery-count`` + the worker's ``queuejob-failures``), the pod, the exit code, the
 duration and the last lines of stderr.
@@ -59,8 +70,9 @@ Exit codes:
 * 1: an item failed; it was rejected for redelivery, or dead-lettered at its limit;
 * 2: usage or configuration error: bad arguments, ``BROKER_URL``/``QUEUE`` missing or
   invalid, credentials or vhost refused, the queue does not exist, ``--call`` not importable;
-* 3: the broker could not be reached within ``--connect-timeout``, the connection was lost
-  mid-item, or the broker refused an outcome record (the unacked items are redelivered);
+* 3: the broker could not be reached within ``--connect-timeout``, a lost connection could
+  not be made again within ``--reconnect-timeout``, a coarse worker lost the message of its
+  item, or the broker refused an outcome record (the unacked items are redelivered);
 * 130 / 143: stopped by SIGINT / SIGTERM; the items held were left unacked.
 
 This package imports neither prefect, kubernetes nor pydantic: a pod's start-up time counts once
@@ -103,6 +115,7 @@ class Options:
     connect_timeout_s: float
     grace_s: float
     prefetch: int
+    reconnect_timeout_s: float = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the broker at start-up (default: 30)",
     )
     parser.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="after a lost connection, how long to try to connect again (each node of "
+        "BROKER_URL in turn) before exiting 3; 0 exits at once (default: "
+        "$QUEUEJOB_RECONNECT_TIMEOUT, else 60)",
+    )
+    parser.add_argument(
         "--grace",
         type=float,
         default=10.0,
@@ -192,7 +214,17 @@ def parse_args(argv: list[str]) -> Options:
         prefetch = DEFAULT_PREFETCH_CALL if ns.call else DEFAULT_PREFETCH_COMMAND
     if not 1 <= prefetch <= 65535:
         raise Usage(f"--prefetch must be between 1 and 65535 (got {prefetch})")
+    reconnect = ns.reconnect_timeout
+    if reconnect is None:
+        raw = os.environ.get("QUEUEJOB_RECONNECT_TIMEOUT", "").strip() or "60"
+        try:
+            reconnect = float(raw)
+        except ValueError:
+            raise Usage(f"QUEUEJOB_RECONNECT_TIMEOUT must be a number (got {raw!r})") from None
+    if not reconnect >= 0:
+        raise Usage(f"--reconnect-timeout must be 0 or more (got {reconnect})")
     return Options(
+        reconnect_timeout_s=reconnect,
         mode=ns.mode,
         idle_timeout_s=ns.idle_timeout,
         call=ns.call,

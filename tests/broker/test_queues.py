@@ -12,6 +12,7 @@ from queuejob.flows.adapters.broker import (
     BrokerConfig,
     QueueDepth,
     QueueSettings,
+    companion_arguments,
     dead_letter_ids,
     declare_queues,
     delete_queues,
@@ -20,6 +21,7 @@ from queuejob.flows.adapters.broker import (
     queue_depths,
     work_queue_arguments,
 )
+from queuejob.flows.adapters.broker.dead_letters import requeue_dead_letters
 from queuejob.flows.core.errors import QueueConflict, QueueNotFound
 from queuejob.flows.core.items import ItemSource, iter_items
 
@@ -115,20 +117,78 @@ def test_a_classic_queue_is_redeclared_as_is_and_one_without_its_storage_is_a_co
     assert "x-queue-mode" in str(info.value) or "x-queue-version" in str(info.value)
 
 
-def test_a_conflicting_companion_queue_is_named(
+def _queue_type(url: str, queue: str) -> str:
+    """A queue's type, found the way AMQP allows: the broker accepts a re-declare with the
+    same x-queue-type and refuses (406) the other."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        for kind in ("quorum", "classic"):
+            try:
+                args = {"x-queue-type": kind}
+                conn.channel().queue_declare(queue, durable=True, arguments=args)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                assert exc.reply_code == 406, exc
+                if "'x-queue-type'" not in exc.reply_text:
+                    return kind  # the type matched; another argument differs (4.x: -1 limit)
+                continue
+            return kind
+    finally:
+        conn.close()
+    raise AssertionError(f"{queue} is neither quorum nor classic")
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_every_queue_of_a_run_has_the_work_queue_type(
+    cfg: BrokerConfig, queue_name: str, broker_url: str, queue_type: Literal["quorum", "classic"]
+) -> None:
+    qs = QueueSettings(queue_name, queue_type=queue_type)
+    try:
+        declare_queues(cfg, qs)
+        # The requeue records' queue is declared by the first requeue.
+        requeue_dead_letters(cfg, qs)
+        for name in (qs.dead_name, qs.results_name, qs.fill_name, qs.requeued_name):
+            assert _queue_type(broker_url, name) == queue_type, name
+    finally:
+        delete_queues(cfg, qs, only_if_empty=False)
+
+
+def test_companion_arguments_follow_the_work_queue_and_the_broker_version() -> None:
+    quorum, classic = QueueSettings("jobs"), QueueSettings("jobs", queue_type="classic")
+    assert companion_arguments(quorum) == {"x-queue-type": "quorum"}
+    # RabbitMQ 4 drops a message returned 20 times unless the queue says -1 (no limit).
+    assert companion_arguments(quorum, broker_major=4) == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": -1,
+    }
+    assert companion_arguments(classic) == companion_arguments(classic, broker_major=4)
+    assert companion_arguments(classic) == {"x-queue-type": "classic"}
+    unlimited = QueueSettings("jobs", delivery_limit=None)
+    assert "x-delivery-limit" not in work_queue_arguments(unlimited)  # 3.x: -1 would mean 0
+    assert work_queue_arguments(unlimited, broker_major=4)["x-delivery-limit"] == -1
+    assert work_queue_arguments(quorum, broker_major=4)["x-delivery-limit"] == 3
+
+
+def test_a_companion_queue_declared_the_old_way_says_what_to_do(
     cfg: BrokerConfig, qs: QueueSettings, broker_url: str
 ) -> None:
+    # An earlier queuejob declared <name>.results as a classic queue beside a quorum work queue.
     conn = pika.BlockingConnection(pika.URLParameters(broker_url))
     try:
         conn.channel().queue_declare(
-            qs.dead_name, durable=True, arguments={"x-queue-type": "quorum"}
+            qs.results_name, durable=True, arguments={"x-queue-type": "classic"}
         )
     finally:
         conn.close()
     with pytest.raises(QueueConflict) as info:
         declare_queues(cfg, qs)
-    assert info.value.queue == qs.dead_name  # type: ignore[attr-defined]
-    assert f"queue {qs.dead_name!r}" in str(info.value)
+    err = info.value
+    assert not err.retryable
+    assert err.queue == qs.results_name  # type: ignore[attr-defined]
+    message = str(err)
+    assert f"queue {qs.results_name!r} was declared as a classic queue" in message
+    assert "cannot change the type of an existing queue" in message
+    assert f"rabbitmqctl delete_queue {qs.results_name}" in message
+    assert "PRECONDITION_FAILED" in message
 
 
 def test_depth_purge_and_consumers(cfg: BrokerConfig, qs: QueueSettings, broker_url: str) -> None:

@@ -21,3 +21,13 @@ def slow_item(body: bytes) -> None:
         mark.with_suffix(".tmp").write_text("started")
         mark.with_suffix(".tmp").replace(mark)
         time.sleep(60)
+
+
+def record_done(body: bytes) -> None:
+    """Append the item to the file named by ``$DONE`` (what the work did), taking
+    ``$ITEM_SLEEP`` seconds (0 by default)."""
+    nap = float(os.environ.get("ITEM_SLEEP", "0") or 0)
+    if nap:
+        time.sleep(nap)
+    with open(os.environ["DONE"], "a") as out:
+        out.write(body.decode() + "\n")

@@ -7,6 +7,7 @@ API (marked ``prefect``), and one connects to the real broker with the URL a blo
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import uuid
@@ -17,9 +18,11 @@ import annotated_types
 import pika
 import pydantic
 import pytest
+import yaml
 from pydantic import SecretStr
 
 from queuejob.blocks import RabbitMQBroker, WorkQueueJobTemplate
+from queuejob.flows.cli import main as cli_main
 from queuejob.flows.core.errors import ConfigError, InvalidInput
 from queuejob.flows.core.manifest import JobSpec, build_job
 
@@ -411,9 +414,12 @@ def test_template_feeds_the_job_builder() -> None:
 @pytest.mark.slow
 def test_blocks_save_and_load_through_the_prefect_api() -> None:
     suffix = uuid.uuid4().hex[:8]
-    b = broker(tls=True, ca_file=CA, vhost="team/a")
+    b = broker(tls=True, ca_file=CA, vhost="team/a", hosts=["rabbit-1", "rabbit-2:5673"])
     tpl = WorkQueueJobTemplate(
-        image="busybox", command=["cat"], tolerations=[{"key": "k", "operator": "Exists"}]
+        image="busybox",
+        command=["cat"],
+        tolerations=[{"key": "k", "operator": "Exists"}],
+        broker_ca_configmap="rabbitmq-ca",
     )
     names = (f"qj-test-broker-{suffix}", f"qj-test-template-{suffix}")
     try:
@@ -421,6 +427,11 @@ def test_blocks_save_and_load_through_the_prefect_api() -> None:
         tpl.save(names[1])
         loaded_b = RabbitMQBroker.load(names[0])
         loaded_tpl = WorkQueueJobTemplate.load(names[1])
+        # `queuejob render --template-block` shows the Job the block makes, CA volume included.
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli_main(["render", "--template-block", names[1], "--", "cat"]) == 0
+        _secret, job = yaml.safe_load_all(out.getvalue())
     finally:
         for cls, name in ((RabbitMQBroker, names[0]), (WorkQueueJobTemplate, names[1])):
             # Cleanup only: a failed save or load is reported by the assertions below.
@@ -432,5 +443,24 @@ def test_blocks_save_and_load_through_the_prefect_api() -> None:
     assert PASSWORD not in repr(loaded_b)
     assert loaded_tpl == tpl
     assert loaded_tpl.to_job_spec() == tpl.to_job_spec()
+    assert loaded_b.hosts == ["rabbit-1", "rabbit-2:5673"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["configMap"]["name"] == "rabbitmq-ca"
+    assert pod["containers"][0]["image"] == "busybox"
     with pytest.raises(InvalidInput, match=f"job template '{names[1]}'"):
         loaded_tpl.to_job_spec(parallelism=0)
+
+
+def test_broker_block_with_several_hosts_names_each_node_in_its_url() -> None:
+    from queuejob.flows.adapters.broker import BrokerConfig
+
+    blk = broker(host="rabbit-0", hosts=["rabbit-1", "[fd00::2]:5673"])
+    assert blk.endpoint() == "rabbit-0:5672,rabbit-1:5672,[fd00::2]:5673/%2F"
+    cfg = BrokerConfig(blk.url())
+    assert [str(e) for e in cfg.endpoints] == ["rabbit-0:5672", "rabbit-1:5672", "[fd00::2]:5673"]
+    again = RabbitMQBroker.from_url(blk.url())
+    assert (again.host, again.hosts) == ("rabbit-0", ["rabbit-1:5672", "[fd00::2]:5673"])
+    assert "***" in blk.redacted_url() and blk.password.get_secret_value() not in repr(blk)
+    for bad in (["http://x"], ["a:b"], ["h:70000"]):
+        with pytest.raises(ValueError, match="hosts entry"):
+            broker(hosts=bad)

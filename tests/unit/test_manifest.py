@@ -484,3 +484,45 @@ def test_spec_is_frozen() -> None:
     s = spec()
     with pytest.raises(pydantic.ValidationError):
         s.parallelism = 5
+
+
+def test_the_brokers_ca_is_mounted_from_the_template_block() -> None:
+    from queuejob.blocks import WorkQueueJobTemplate
+    from queuejob.flows.core.manifest import CA_FILE_ENV, CA_MOUNT_DIR, build_job
+
+    template = WorkQueueJobTemplate(
+        image="registry.example/queuejob:1", command=["cat"], broker_ca_configmap="rabbitmq-ca"
+    )
+    job = build_job(template.to_job_spec(), run_id="run-1", queue="jobs", completions=None)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["volumes"] == [
+        {
+            "name": "broker-ca",
+            "configMap": {"name": "rabbitmq-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+        }
+    ]
+    assert container["volumeMounts"] == [
+        {"name": "broker-ca", "mountPath": CA_MOUNT_DIR, "readOnly": True}
+    ]
+    assert {"name": CA_FILE_ENV, "value": f"{CA_MOUNT_DIR}/ca.crt"} in container["env"]
+    secret = WorkQueueJobTemplate(
+        image="registry.example/queuejob:1",
+        command=["cat"],
+        broker_ca_secret="rabbitmq-tls",
+        broker_ca_key="ca.pem",
+    ).to_job_spec()
+    volume = build_job(secret, run_id="r", queue="jobs", completions=None)["spec"]["template"]
+    assert volume["spec"]["volumes"][0]["secret"] == {
+        "secretName": "rabbitmq-tls",
+        "items": [{"key": "ca.pem", "path": "ca.pem"}],
+    }
+    with pytest.raises(InvalidInput, match="not both"):
+        template.to_job_spec(broker_ca_secret="rabbitmq-tls")
+    plain = build_job(
+        WorkQueueJobTemplate(image="registry.example/queuejob:1", command=["cat"]).to_job_spec(),
+        run_id="run-1",
+        queue="jobs",
+        completions=None,
+    )
+    assert "volumes" not in plain["spec"]["template"]["spec"]

@@ -17,6 +17,8 @@ Everything here is I/O; pika's exceptions are translated into `queuejob.flows.co
 * `BrokerAuthError` (permanent): the broker refused the credentials or the vhost.
 * `QueueConflict` (permanent): a queue exists with other arguments (PRECONDITION_FAILED).
 * `QueueNotFound` (permanent): a queue the call needs has not been declared (or was deleted).
+  A queue whose node is down (RabbitMQ answers 404 for it too) is `BrokerUnavailable` instead:
+  "node X holding queue Y is down".
 * `PublishError` (retryable): a publish was nacked or returned unroutable, or the work queue
   did not gain exactly the confirmed messages.
 * `FillInProgress` (retryable): another fill of the same queue holds its lock.
@@ -27,9 +29,20 @@ Queues of one work queue ``<name>`` (see `QueueSettings`):
   messages: RabbitMQ dead-letters a message once it has been returned (rejected, or left unacked
   by a dying consumer) more than ``delivery_limit`` times, so an item is attempted at most
   ``delivery_limit + 1`` times. Dead letters go through the default exchange to ``<name>.dead``.
-* ``<name>.dead``: classic, durable; dead letters keep their headers and ``message_id``.
-* ``<name>.results``: classic, durable; workers' outcome records (`OutcomeRecord` JSON).
-* ``<name>.fill``: classic, durable; at most one live *fill marker* (see `fill_queue`).
+* ``<name>.dead``: durable; dead letters keep their headers and ``message_id``.
+* ``<name>.results``: durable; workers' outcome records (`OutcomeRecord` JSON).
+* ``<name>.fill``: durable; at most one live *fill marker* (see `fill_queue`).
+* ``<name>.requeued``: durable; the records of the dead-letter requeue (`dead_letters`).
+
+These four are quorum queues when the work queue is one (replicated on a cluster like it, so
+a node lost loses none of a run's state; `companion_arguments`), classic beside a classic work
+queue. On RabbitMQ 4, whose quorum queues dead-letter or drop a message returned 20 times unless
+told otherwise, a quorum queue without a ``delivery_limit`` is declared with ``-1`` (none).
+
+Nodes and reconnecting: a URL may name several nodes (`BrokerConfig`); each connection attempt
+goes through them in turn. The public calls ride out a lost node or connection for the config's
+``reconnect_s`` (`connection.rides_out_node_loss`): each is idempotent as a whole, so it simply
+starts again on a new connection.
 * ``<name>.fill.lock``: exclusive and transient, held by a running fill so two fills of the
   same queue never interleave (the broker drops it when the filling connection closes).
 
@@ -46,6 +59,7 @@ The password of a broker URL never appears in a message, a log line or an except
 from __future__ import annotations
 
 from queuejob.flows.adapters.broker.config import (
+    CA_FILE_ENV,
     CLASSIC_STORAGE_ARGUMENTS,
     HEADER_DELIVERY_COUNT,
     HEADER_FAILURES,
@@ -57,10 +71,12 @@ from queuejob.flows.adapters.broker.config import (
     BrokerConfig,
     QueueSettings,
     check_queue_name,
+    companion_arguments,
     work_queue_arguments,
 )
 from queuejob.flows.adapters.broker.connection import (
     connect,
+    server_major,
     wait_for_broker,
 )
 from queuejob.flows.adapters.broker.dead_letters import (
@@ -89,6 +105,7 @@ from queuejob.flows.adapters.broker.topology import (
 )
 
 __all__ = [
+    "CA_FILE_ENV",
     "CLASSIC_STORAGE_ARGUMENTS",
     "HEADER_DELIVERY_COUNT",
     "HEADER_FAILURES",
@@ -106,6 +123,7 @@ __all__ = [
     "ResultBatch",
     "ResultsConsumer",
     "check_queue_name",
+    "companion_arguments",
     "connect",
     "dead_letter_ids",
     "declare_queues",
@@ -115,6 +133,7 @@ __all__ = [
     "purge_work_queue",
     "queue_depths",
     "read_fill_marker",
+    "server_major",
     "wait_for_broker",
     "work_queue_arguments",
 ]

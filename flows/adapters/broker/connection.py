@@ -6,12 +6,14 @@ the password scrubbed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pika
 import pika.exceptions as pex
@@ -19,16 +21,18 @@ import pika.exceptions as pex
 from queuejob.flows.core.errors import (
     BrokerAuthError,
     BrokerUnavailable,
+    ConfigError,
     QueueJobError,
     QueueNotFound,
 )
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) out of its start-up
     pass
-from queuejob.flows.adapters.broker.config import BrokerConfig
+from queuejob.flows.adapters.broker.config import BrokerConfig, Endpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def cause(exc: BaseException, cfg: BrokerConfig) -> str:
@@ -47,16 +51,26 @@ def cause(exc: BaseException, cfg: BrokerConfig) -> str:
     return cfg.scrub(text)[:500]
 
 
-def connection_params(cfg: BrokerConfig, timeout_s: float) -> pika.ConnectionParameters:
+def connection_params(
+    cfg: BrokerConfig, timeout_s: float, endpoint: Endpoint | None = None
+) -> pika.ConnectionParameters:
+    """pika's parameters for one node of ``cfg`` (the first when ``endpoint`` is None)."""
+    node = endpoint or cfg.endpoints[0]
     ssl_options = None
     if cfg.tls:
         import ssl
 
-        context = ssl.create_default_context(cafile=cfg.ca_file)
-        ssl_options = pika.SSLOptions(context, server_hostname=cfg.host)
+        try:
+            context = ssl.create_default_context(cafile=cfg.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot read the CA bundle {cfg.ca_file!r} for the broker at {cfg.describe()} "
+                f"({exc}); point ca_file at a readable PEM file"
+            ) from None
+        ssl_options = pika.SSLOptions(context, server_hostname=node.host)
     return pika.ConnectionParameters(
-        host=cfg.host,
-        port=cfg.port,
+        host=node.host,
+        port=node.port,
         virtual_host=cfg.vhost,
         credentials=pika.PlainCredentials(cfg.username, cfg._password()),
         heartbeat=cfg.heartbeat_s,
@@ -72,9 +86,12 @@ def connection_params(cfg: BrokerConfig, timeout_s: float) -> pika.ConnectionPar
 
 
 def translate_connect_error(
-    exc: BaseException, cfg: BrokerConfig, timeout_s: float | None = None
+    exc: BaseException,
+    cfg: BrokerConfig,
+    timeout_s: float | None = None,
+    endpoint: Endpoint | None = None,
 ) -> QueueJobError:
-    where = cfg.describe()
+    where = f"{endpoint} vhost {cfg.vhost!r}" if endpoint is not None else cfg.describe()
     if isinstance(exc, pex.ProbableAccessDeniedError | pex.ProbableAuthenticationError) and (
         "ConnectionClosedByBroker" not in str(exc)
     ):
@@ -105,6 +122,13 @@ def translate_connect_error(
         return BrokerAuthError(
             f"TLS certificate of the broker at {where} could not be verified "
             f"({cause(exc, cfg)}); set ca_file to the CA bundle that signed it"
+            + (f" (now {cfg.ca_file!r})" if cfg.ca_file else "")
+        )
+    if cfg.tls and _plain_text_answer(exc):
+        return BrokerAuthError(
+            f"the broker at {where} answered in plain text, not TLS ({cause(exc, cfg)}): that "
+            "port is a plain AMQP listener; use the broker's TLS port (5671 by default) with "
+            "amqps://, or amqp:// for this port"
         )
     if isinstance(exc, socket.gaierror):
         detail = f"cannot resolve host {cfg.host!r}: {cfg.scrub(str(exc))}"
@@ -124,6 +148,28 @@ def translate_connect_error(
     return err
 
 
+def _plain_text_answer(exc: BaseException) -> bool:
+    """True when a TLS handshake met a server that speaks plain text (an AMQP listener answers
+    a ClientHello with its protocol header, which OpenSSL reads as a bad record)."""
+    import ssl
+
+    seen: list[BaseException] = [exc]
+    while seen:
+        cur = seen.pop()
+        if isinstance(cur, ssl.SSLError) and any(
+            mark in str(cur).upper()
+            for mark in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+        ):
+            return True
+        seen.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
+        inner = getattr(cur, "exception", None)
+        if isinstance(inner, BaseException):
+            seen.append(inner)
+        if len(seen) > 20:
+            break
+    return False
+
+
 def _find_in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
     seen: list[BaseException] = [exc]
     while seen:
@@ -139,14 +185,57 @@ def _find_in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+# Per broker URL: the node to try first (the one after the last that failed), so that every
+# attempt of a process goes through the nodes in turn.
+_FIRST_NODE: dict[int, int] = {}
+
+
 def open_blocking(cfg: BrokerConfig, timeout_s: float | None = None) -> Any:
-    """One connection attempt; raises BrokerUnavailable or BrokerAuthError."""
+    """One connection attempt, through each node of ``cfg`` in turn until one answers (the
+    node that answered is ``conn.queuejob_endpoint``); raises BrokerUnavailable (naming every
+    node's cause) or BrokerAuthError."""
     timeout = timeout_s or cfg.connect_timeout_s
-    params = connection_params(cfg, timeout)
-    try:
-        return pika.BlockingConnection(params)
-    except Exception as exc:  # pika's connector errors share no base class with AMQPError
-        raise translate_connect_error(exc, cfg, timeout) from None
+    nodes = cfg.endpoints
+    key = hash(cfg.url)
+    first = _FIRST_NODE.get(key, 0) % len(nodes)
+    causes: list[str] = []
+    last: QueueJobError | None = None
+    for step in range(len(nodes)):
+        i = (first + step) % len(nodes)
+        node = nodes[i]
+        params = connection_params(cfg, timeout, node)
+        try:
+            conn = pika.BlockingConnection(params)
+        except Exception as exc:  # pika's connector errors share no base class with AMQPError
+            err = translate_connect_error(exc, cfg, timeout, node if len(nodes) > 1 else None)
+            if not isinstance(err, BrokerUnavailable):
+                raise err from None
+            _FIRST_NODE[key] = i + 1
+            last = err
+            causes.append(f"{node}: {getattr(err, 'detail', None) or err}")
+            continue
+        _FIRST_NODE[key] = i
+        conn.queuejob_endpoint = node
+        return conn
+    assert last is not None
+    if len(nodes) == 1:
+        raise last
+    err = BrokerUnavailable(
+        f"no node of the broker at {cfg.describe()} is answering: " + "; ".join(causes)
+    )
+    err.detail = "; ".join(causes)  # type: ignore[attr-defined]
+    raise err
+
+
+def server_major(conn: Any) -> int:
+    """The broker's major version (3 for 3.x, 4 for 4.x) from the connection's handshake; 3
+    when it cannot be read."""
+    impl = getattr(conn, "_impl", conn)
+    props = getattr(impl, "server_properties", None) or {}
+    raw = props.get("version", b"")
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    head = text.split(".", 1)[0]
+    return int(head) if head.isdigit() else 3
 
 
 def connect(cfg: BrokerConfig, *, deadline_s: float = 0.0) -> pika.BlockingConnection:
@@ -245,7 +334,13 @@ def session(cfg: BrokerConfig) -> Iterator[Any]:
     conn = open_blocking(cfg)
     try:
         yield conn
-    except (pex.AMQPConnectionError, pex.StreamLostError, pex.ConnectionWrongStateError) as exc:
+    except (
+        pex.AMQPConnectionError,
+        pex.StreamLostError,
+        pex.ConnectionWrongStateError,
+        pex.ChannelWrongStateError,
+        ConnectionError,
+    ) as exc:
         raise BrokerUnavailable(
             f"lost the connection to the broker at {cfg.describe()}: {cause(exc, cfg)}; "
             "retry once the broker is reachable"
@@ -261,9 +356,28 @@ def not_found(cfg: BrokerConfig, queue: str) -> QueueNotFound:
     )
 
 
+_NODE_DOWN = re.compile(r"home node '(?P<node>[^']+)' of durable queue '(?P<queue>[^']*)'")
+
+
+def node_down(cfg: BrokerConfig, queue: str, reply_text: str) -> BrokerUnavailable | None:
+    """The error for a queue whose node is down (RabbitMQ answers 404 for it), or None."""
+    if "is down or inaccessible" not in reply_text:
+        return None
+    m = _NODE_DOWN.search(reply_text)
+    node = m.group("node") if m else "?"
+    queue = m.group("queue") if m else queue
+    err = BrokerUnavailable(
+        f"node {node} holding queue {queue!r} is down (the broker at {cfg.describe()} answered: "
+        f"{reply_text}); retried until that node is back. A classic queue lives on one node "
+        "only: a quorum work queue (the default) has all of a run's queues replicated"
+    )
+    err.detail = f"node {node} holding queue {queue!r} is down"  # type: ignore[attr-defined]
+    return err
+
+
 def channel_error(exc: pex.ChannelClosedByBroker, cfg: BrokerConfig, queue: str) -> QueueJobError:
     if exc.reply_code == 404:
-        return not_found(cfg, queue)
+        return node_down(cfg, queue, str(exc.reply_text)) or not_found(cfg, queue)
     if exc.reply_code == 403:
         return BrokerAuthError(
             f"user {cfg.username!r} may not use queue {queue!r} on {cfg.describe()} "
@@ -286,3 +400,37 @@ def passive(conn: Any, cfg: BrokerConfig, queue: str) -> Any:
         with contextlib.suppress(Exception):
             if ch.is_open:
                 ch.close()
+
+
+def rides_out_node_loss(fn: Callable[P, T]) -> Callable[P, T]:
+    """Make an adapter call ride out a lost node or connection: on `BrokerUnavailable` it is
+    called again (connecting anew, through the next node) with capped back-off until the
+    ``reconnect_s`` of its `BrokerConfig` (its first argument) has passed, then the error
+    stands. Only for calls that are idempotent as a whole: declaring, reading, purging,
+    deleting, the fill (its marker) and the dead-letter requeue (its tokens)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        cfg = args[0]
+        assert isinstance(cfg, BrokerConfig)
+        return ride_out(cfg, fn.__name__, lambda: fn(*args, **kwargs))
+
+    return wrapper
+
+
+def ride_out(cfg: BrokerConfig, what: str, call: Callable[[], T]) -> T:
+    """``call()``, called again on `BrokerUnavailable` until ``cfg.reconnect_s`` has passed
+    (see `rides_out_node_loss`)."""
+    deadline = time.monotonic() + cfg.reconnect_s
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except BrokerUnavailable as exc:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            delay = random.uniform(0.25, min(5.0, 0.5 * 2 ** (attempt - 1)))
+            log.warning("%s: %s; trying again (up to %.0f s more)", what, exc, remaining)
+            time.sleep(min(delay, remaining))

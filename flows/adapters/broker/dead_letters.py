@@ -2,8 +2,9 @@
 move its messages back to the queue (`requeue_dead_letters`).
 
 Listing reads without consuming: the messages are fetched unacknowledged and go back to their
-places when the channel closes (``<queue>.dead`` is a classic queue, which counts no
-deliveries).
+places when the channel closes. Beside a quorum work queue ``<queue>.dead`` is a quorum queue
+too, which counts each such read as a delivery: it is declared without a delivery limit, so a
+dead letter listed any number of times stays (`companion_arguments`).
 
 Requeueing moves each dead letter back to the work queue, publisher-confirmed, and acks the
 dead letter only after the confirm, so a requeue killed at any point loses none. It is also
@@ -38,7 +39,6 @@ import pika
 import pika.exceptions as pex
 
 from queuejob.flows.adapters.broker.config import (
-    AUX_ARGUMENTS,
     HEADER_FAILURES,
     HEADER_INDEX,
     HEADER_RUN_ID,
@@ -46,8 +46,16 @@ from queuejob.flows.adapters.broker.config import (
     PERSISTENT,
     BrokerConfig,
     QueueSettings,
+    companion_arguments,
 )
-from queuejob.flows.adapters.broker.connection import channel_error, not_found, passive, session
+from queuejob.flows.adapters.broker.connection import (
+    channel_error,
+    not_found,
+    passive,
+    rides_out_node_loss,
+    server_major,
+    session,
+)
 from queuejob.flows.adapters.broker.fill import take_fill_lock
 from queuejob.flows.core.dead_letters import (
     HEADER_REQUEUES,
@@ -61,6 +69,7 @@ from queuejob.flows.core.errors import PublishError
 HEADER_TOKEN = "queuejob-requeue-token"
 
 
+@rides_out_node_loss
 def dead_letter_ids(
     cfg: BrokerConfig, qs: QueueSettings, *, run_id: str, limit: int = 100_000
 ) -> list[str]:
@@ -129,6 +138,7 @@ class DeadLetterListing:
     letters: list[DeadLetter]
 
 
+@rides_out_node_loss
 def list_dead_letters(cfg: BrokerConfig, qs: QueueSettings, *, limit: int) -> DeadLetterListing:
     """The first ``limit`` messages of ``<queue>.dead``, oldest first, read without consuming.
 
@@ -161,6 +171,7 @@ class RequeueResult:
     remaining: int  # messages left in <queue>.dead (over the limit, or newly dead-lettered)
 
 
+@rides_out_node_loss
 def requeue_dead_letters(
     cfg: BrokerConfig,
     qs: QueueSettings,
@@ -187,12 +198,7 @@ def requeue_dead_letters(
         take_fill_lock(conn, cfg, qs)
         passive(conn, cfg, qs.name)  # QueueNotFound: nowhere to put them back
         total = int(passive(conn, cfg, qs.dead_name).message_count)
-        aux = conn.channel()
-        try:
-            aux.queue_declare(record_queue, durable=True, arguments=AUX_ARGUMENTS)
-        except pex.ChannelClosedByBroker as exc:
-            raise channel_error(exc, cfg, record_queue) from None
-        aux.close()
+        _declare_records(conn, cfg, qs, record_queue)
 
         # The records of earlier requeues, held unacked on their own channel until the end.
         records = conn.channel()
@@ -237,6 +243,23 @@ def requeue_dead_letters(
             purge.queue_purge(record_queue)
             purge.close()
     return RequeueResult(requeued=requeued, already_requeued=already, remaining=remaining)
+
+
+def _declare_records(conn: Any, cfg: BrokerConfig, qs: QueueSettings, queue: str) -> None:
+    """Declare the requeue records' queue like the run's other queues; one that exists with
+    another type (an earlier queuejob's, or the caller's QueueSettings guessed the work queue's
+    type wrong) is used as it is: it only holds bookkeeping."""
+    aux = conn.channel()
+    try:
+        aux.queue_declare(
+            queue, durable=True, arguments=companion_arguments(qs, broker_major=server_major(conn))
+        )
+    except pex.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise channel_error(exc, cfg, queue) from None
+        passive(conn, cfg, queue)
+        return
+    aux.close()
 
 
 def _take_records(ch: Any, cfg: BrokerConfig, queue: str) -> Iterator[tuple[str, int]]:

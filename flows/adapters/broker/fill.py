@@ -32,6 +32,7 @@ from queuejob.flows.adapters.broker.config import (
     PERSISTENT,
     RECORD_CONTENT_TYPE,
     BrokerConfig,
+    Endpoint,
     QueueSettings,
 )
 from queuejob.flows.adapters.broker.connection import (
@@ -40,6 +41,8 @@ from queuejob.flows.adapters.broker.connection import (
     connection_params,
     not_found,
     passive,
+    ride_out,
+    rides_out_node_loss,
     session,
     translate_connect_error,
 )
@@ -132,6 +135,7 @@ def _write_marker(conn: Any, cfg: BrokerConfig, qs: QueueSettings, marker: FillM
     ch.close()
 
 
+@rides_out_node_loss
 def read_fill_marker(cfg: BrokerConfig, qs: QueueSettings) -> FillMarker | None:
     """The work queue's fill marker: which run filled it and whether that fill finished.
     None when no fill was ever recorded (or the marker queue does not exist)."""
@@ -153,7 +157,7 @@ class FillResult:
 def fill_queue(
     cfg: BrokerConfig,
     qs: QueueSettings,
-    items: Iterable[Item],
+    items: Iterable[Item] | Callable[[], Iterable[Item]],
     *,
     run_id: str,
     window: int = 1000,
@@ -177,11 +181,36 @@ def fill_queue(
     are consuming (the flow creates the Job only after the fill). ``on_progress(confirmed)``
     is called as confirms arrive. A second concurrent fill of the same queue raises
     `FillInProgress`. The queues must have been declared (`declare_queues`).
+
+    ``items`` may be a function that returns them: then a lost node or connection is ridden
+    out for ``cfg.reconnect_s`` (the fill starts again on a new connection, its marker
+    making that idempotent, with the items read anew); a list is read again the same way; a
+    one-shot iterator gets one attempt.
     """
     if not run_id:
         raise InvalidInput("run_id must be a non-empty string (the flow run id)")
     if not 1 <= window <= 100_000:
         raise InvalidInput(f"window must be between 1 and 100000 (got {window})")
+    if callable(items):
+        factory: Callable[[], Iterable[Item]] = items
+    elif iter(items) is items:
+        # A one-shot iterator cannot be read again: no riding out (the caller retries).
+        return _fill(cfg, qs, items, run_id, window, on_progress)
+    else:
+        factory = lambda: items  # noqa: E731 - a list or another re-iterable
+    return ride_out(
+        cfg, "fill_queue", lambda: _fill(cfg, qs, factory(), run_id, window, on_progress)
+    )
+
+
+def _fill(
+    cfg: BrokerConfig,
+    qs: QueueSettings,
+    items: Iterable[Item],
+    run_id: str,
+    window: int,
+    on_progress: Callable[[int], None] | None,
+) -> FillResult:
     with session(cfg) as conn:
         take_fill_lock(conn, cfg, qs)
         marker = _read_marker(conn, cfg, qs)
@@ -211,7 +240,10 @@ def fill_queue(
             conn.process_data_events(time_limit=0)
 
         before = int(passive(conn, cfg, qs.name).message_count)
-        confirmed = _Publisher(cfg, qs, items, run_id, window, on_progress, keepalive).run()
+        publisher = _Publisher(cfg, qs, items, run_id, window, on_progress, keepalive)
+        # The publishing connection goes to the node the session reached.
+        publisher.endpoint = getattr(conn, "queuejob_endpoint", None)
+        confirmed = publisher.run()
         _check_filled(conn, cfg, qs, before, confirmed)
         _write_marker(conn, cfg, qs, FillMarker(run_id, done=True, confirmed=confirmed))
     return FillResult(confirmed=confirmed, skipped=False)
@@ -280,6 +312,7 @@ class _Publisher:
         self.on_progress = on_progress
         self.keepalive = keepalive
         self.stall_s = max(_MIN_STALL_S, 3 * cfg.connect_timeout_s)
+        self.endpoint: Endpoint | None = None
         self.conn: Any = None
         self.channel: Any = None
         self.frames: FillFrames | None = None  # None: every message goes through pika
@@ -296,7 +329,7 @@ class _Publisher:
         self.progress_reported_at = 0.0
 
     def run(self) -> int:
-        params = connection_params(self.cfg, self.cfg.connect_timeout_s)
+        params = connection_params(self.cfg, self.cfg.connect_timeout_s, self.endpoint)
         self.conn = SelectConnection(
             params,
             on_open_callback=self._guard(self._on_open),
@@ -353,7 +386,9 @@ class _Publisher:
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
         if self.error is None:
-            self.error = translate_connect_error(exc, self.cfg, self.cfg.connect_timeout_s)
+            self.error = translate_connect_error(
+                exc, self.cfg, self.cfg.connect_timeout_s, self.endpoint
+            )
         self.conn.ioloop.stop()
 
     def _on_closed(self, _conn: Any, reason: BaseException) -> None:

@@ -20,12 +20,18 @@ from queuejob.flows.core.errors import (
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic (items.py) out of its start-up
     pass
 from queuejob.flows.adapters.broker.config import (
-    AUX_ARGUMENTS,
     BrokerConfig,
     QueueSettings,
+    companion_arguments,
     work_queue_arguments,
 )
-from queuejob.flows.adapters.broker.connection import channel_error, passive, session
+from queuejob.flows.adapters.broker.connection import (
+    channel_error,
+    passive,
+    rides_out_node_loss,
+    server_major,
+    session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +52,63 @@ def _reported_value(text: str) -> str | None:
     return m.group("v") if m else text
 
 
-def _declare_one(conn: Any, cfg: BrokerConfig, queue: str, arguments: dict[str, Any]) -> Any:
+def _declare_one(
+    conn: Any,
+    cfg: BrokerConfig,
+    queue: str,
+    arguments: dict[str, Any],
+    qs: QueueSettings | None = None,
+) -> Any:
     ch = conn.channel()
     try:
         ch.queue_declare(queue, durable=True, arguments=arguments)
     except pex.ChannelClosedByBroker as exc:
         if exc.reply_code == 406:
-            raise _conflict(cfg, queue, arguments, exc.reply_text) from None
+            raise _conflict(cfg, queue, arguments, exc.reply_text, qs) from None
         raise channel_error(exc, cfg, queue) from None
     return ch
 
 
-def _conflict(cfg: BrokerConfig, queue: str, wanted: dict[str, Any], reply: str) -> QueueConflict:
+def _old_companion_advice(queue: str, reply: str, qs: QueueSettings | None) -> str | None:
+    """What to do about a run's companion queue that an earlier queuejob declared classic,
+    now that it is a quorum queue beside a quorum work queue (RabbitMQ refuses to change a
+    queue's type: 406 PRECONDITION_FAILED)."""
+    if qs is None or queue == qs.name or "'x-queue-type'" not in reply:
+        return None
+    if qs.queue_type != "quorum" or "current is 'classic'" not in reply:
+        return None
+    if queue == qs.dead_name:
+        what = (
+            f"first move its dead letters back (queuejob dead-letters {qs.name} --requeue) or "
+            "save them, then delete it"
+        )
+    elif queue == qs.results_name:
+        what = "delete it once no run of this queue is running (its records are in the ledgers)"
+    else:
+        what = "delete it once no fill or requeue of this queue is running"
+    return (
+        f"queue {queue!r} was declared as a classic queue by an earlier queuejob; with a quorum "
+        f"work queue every queue of a run is now a quorum queue, replicated so that losing one "
+        f"node loses none of them, and RabbitMQ cannot change the type of an existing queue. "
+        f"{what[0].upper()}{what[1:]} (rabbitmqctl delete_queue {queue}) and run again; or "
+        f"use another queue name"
+    )
+
+
+def _conflict(
+    cfg: BrokerConfig,
+    queue: str,
+    wanted: dict[str, Any],
+    reply: str,
+    qs: QueueSettings | None = None,
+) -> QueueConflict:
+    advice = _old_companion_advice(queue, reply, qs)
+    if advice is not None:
+        err = QueueConflict(f"{advice}. Broker on {cfg.describe()}: {reply}")
+        err.queue = queue  # type: ignore[attr-defined]
+        err.wanted = dict(wanted)  # type: ignore[attr-defined]
+        err.existing = {"x-queue-type": "classic"}  # type: ignore[attr-defined]
+        return err
     existing: dict[str, Any] | None = None
     source = "the broker's reply (it names only the first argument that differs)"
     mgmt = _management_queue(cfg, queue)
@@ -90,19 +141,33 @@ def _conflict(cfg: BrokerConfig, queue: str, wanted: dict[str, Any], reply: str)
     return err
 
 
+@rides_out_node_loss
 def declare_queues(cfg: BrokerConfig, qs: QueueSettings) -> None:
     """Declare (idempotently) the dead-letter, results and fill-marker queues and the work queue.
 
-    All are durable. Raises `QueueConflict` when one exists with other arguments (the message
-    names the queue, both argument sets as far as they are known, and what to do).
+    All are durable; with a quorum work queue all are quorum queues (`companion_arguments`).
+    Raises `QueueConflict` when one exists with other arguments (the message names the queue,
+    both argument sets as far as they are known, and what to do).
     """
     with session(cfg) as conn:
+        major = server_major(conn)
+        aux = companion_arguments(qs, broker_major=major)
+        work_args = work_queue_arguments(qs, broker_major=major)
         # Dead-letter queue first: the work queue dead-letters into it from its first message.
         for name in (qs.dead_name, qs.results_name, qs.fill_name):
-            _declare_one(conn, cfg, name, AUX_ARGUMENTS).close()
-        _declare_one(conn, cfg, qs.name, work_queue_arguments(qs)).close()
+            try:
+                _declare_one(conn, cfg, name, aux, qs).close()
+            except QueueConflict as companion:
+                # A work queue of the other type explains both: report the work queue.
+                try:
+                    _declare_one(conn, cfg, qs.name, work_args, qs).close()
+                except QueueConflict as work:
+                    raise work from None
+                raise companion from None
+        _declare_one(conn, cfg, qs.name, work_args, qs).close()
 
 
+@rides_out_node_loss
 def delete_queues(
     cfg: BrokerConfig, qs: QueueSettings, *, only_if_empty: bool = True
 ) -> dict[str, int]:
@@ -132,8 +197,8 @@ def delete_queues(
                     continue
             # Quorum queues refuse queue.delete with if-empty (the broker closes the connection
             # with 540 NOT_IMPLEMENTED); classic ones take it, closing the window between the
-            # count above and the delete.
-            if_empty = guarded and (name != qs.name or qs.queue_type == "classic")
+            # count above and the delete. A run's queues are all quorum or all classic.
+            if_empty = guarded and qs.queue_type == "classic"
             ch = conn.channel()
             try:
                 ch.queue_delete(name, if_empty=if_empty)
@@ -170,6 +235,7 @@ class QueueDepth:
     source: Literal["amqp", "management"]
 
 
+@rides_out_node_loss
 def queue_depths(cfg: BrokerConfig, qs: QueueSettings) -> dict[str, QueueDepth]:
     """Depths of the ``work``, ``results`` and ``dead`` queues (keys of the returned dict).
 
@@ -228,11 +294,13 @@ def _management_queue(cfg: BrokerConfig, queue: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+@rides_out_node_loss
 def purge_work_queue(cfg: BrokerConfig, qs: QueueSettings) -> int:
     """Remove the work queue's ready messages (unacked ones stay); return how many."""
     return _purge(cfg, qs.name)
 
 
+@rides_out_node_loss
 def purge_results(cfg: BrokerConfig, qs: QueueSettings) -> int:
     """Remove the outcome records from ``<name>.results`` once a run's ledger is saved."""
     return _purge(cfg, qs.results_name)
