@@ -21,3 +21,20 @@ def slow_item(body: bytes) -> None:
         mark.with_suffix(".tmp").write_text("started")
         mark.with_suffix(".tmp").replace(mark)
         time.sleep(60)
+
+
+NOT_UTF8 = b"\xff\xfe raw \x00 bytes"
+
+
+def result_of(body: bytes) -> object:
+    """A return value of the kind the body names: what ``--call`` functions give back."""
+    values: dict[bytes, object] = {
+        b"int": len(body),
+        b"dict": {"item": body.decode(), "parts": [1, None, "ü"]},
+        b"bytes": NOT_UTF8,
+        b"utf8-bytes": "é".encode(),
+        b"none": None,
+        b"set": {1, 2},
+        b"big": "x" * 200,
+    }
+    return values[body]
