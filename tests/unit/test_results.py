@@ -168,3 +168,20 @@ def test_rows_of_a_rerun_that_match_nothing_come_last() -> None:
     a = _run(0.0, "A", [("x", "failed", None)])
     stray = _run(5.0, "B", [("q", "succeeded", 1)])
     assert [r[0] for r in _merged(a, [stray])] == ["x", "q"]
+
+
+def test_run_options_take_the_limit_to_the_pods(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from queuejob.flows.cli import main
+
+    assert main(["render", "--max-result-bytes", "1000", "--", "cat"]) == 0
+    job = list(yaml.safe_load_all(capsys.readouterr().out))[1]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--max-result-bytes") + 1] == "1000"
+    with pytest.raises(SystemExit):
+        main(["render", "--max-result-bytes", "-5", "--", "cat"])
+    assert "--max-result-bytes: must be 0 or more (got -5)" in capsys.readouterr().err
+    assert main(["render", "--max-result-bytes", "99999999", "--", "cat"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-result-bytes" in err and "8388608" in err
