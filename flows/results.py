@@ -45,7 +45,8 @@ def read_results(
 
     Args:
         run_id: the queuejob flow run's id (the report's ``run_id``).
-        fates: only items of these fates (``left`` for ``left_in_queue``); None for all.
+        fates: only items of these fates (``left`` for ``left_in_queue``; a list, or one
+            string, comma-separated); None for all.
         follow_reruns: per item, the row of the latest run that reached it among this run and
             its reruns (``queuejob rerun``, the ``queuejob-rerun`` flow), with that run's id in
             ``run_id``; ``index`` and ``body`` stay the original run's. The fates filter then
@@ -59,6 +60,8 @@ def read_results(
     `InvalidInput` for an unknown fate. The rows are read lazily: iterate while the storage is
     reachable.
     """
+    if isinstance(fates, str):  # "failed" or "failed,left": not its letters
+        fates = [f.strip() for f in fates.split(",") if f.strip()]
     wanted = normalize_fates(fates)
     storage = open_storage(ledger_storage)
     storage.read_report(run_id)  # a missing run fails here, not at the first row

@@ -14,6 +14,7 @@ import os
 import queue
 import selectors
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -85,11 +86,18 @@ def read_result_file(path: str, max_result_bytes: int) -> Any:
     """A command's result: the file's bytes (`results.from_bytes`), read only when within the
     limit. `ResultError` when over it; None when the file is empty or gone."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # Non-blocking: a FIFO put in the file's place must not hang the worker.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise results.ResultError(
+                f"$QUEUEJOB_RESULT_FILE ({path}) is no longer a regular file; write the result "
+                'into that file (e.g. > "$QUEUEJOB_RESULT_FILE"), do not replace it'
+            )
+        size = info.st_size
         if size > max_result_bytes:
             raise results.too_large(size, max_result_bytes, "the result file")
         chunks = []

@@ -120,6 +120,10 @@ def test_python_gets_bytes_back_and_can_filter() -> None:
     _store(RUN, ROWS)
     rows = list(queuejob.read_results(RUN, fates=["succeeded"]))
     assert [r["result"] for r in rows] == [5, ROWS[1]["result"], ROWS[3]["result"], RAW]
+    assert [r["item_id"] for r in queuejob.read_results(RUN, fates="failed,left")] == [
+        "id-2",
+        "id-5",
+    ]
     kept = list(queuejob.read_results(RUN, decode_bytes=False))
     assert kept[4]["result"] == STORED_RAW
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -185,3 +186,23 @@ def test_run_options_take_the_limit_to_the_pods(capsys: pytest.CaptureFixture[st
     assert main(["render", "--max-result-bytes", "99999999", "--", "cat"]) == 2
     err = capsys.readouterr().err
     assert "--max-result-bytes" in err and "8388608" in err
+
+
+def test_a_result_file_is_read_only_within_the_limit_and_never_blocks(tmp_path: Path) -> None:
+    import os
+
+    from queuejob.flows.worker.runner import read_result_file
+
+    path = tmp_path / "result-1"
+    assert read_result_file(str(path), 10) is None  # never created: no result
+    path.write_bytes(b"")
+    assert read_result_file(str(path), 10) is None
+    path.write_bytes(b"0123456789")
+    assert read_result_file(str(path), 10) == "0123456789"
+    path.write_bytes(b"x" * 5_000_000)
+    with pytest.raises(ResultError, match="the result file is 5,000,000 bytes, over the limit"):
+        read_result_file(str(path), 10)
+    path.unlink()
+    os.mkfifo(path)  # a FIFO in its place, with no writer: refused, not waited on
+    with pytest.raises(ResultError, match="no longer a regular file"):
+        read_result_file(str(path), 10)
