@@ -261,7 +261,8 @@ def cmd_flow_scale(ns: argparse.Namespace) -> int:
         )
         wall = time.perf_counter() - start
         peak = max_rss_kb()
-        rows = succeeded_rows = in_order = 0
+        rows = succeeded_rows = in_order = with_result = exact_results = 0
+        expect = _expected_result(ns.call)
         # Range items: row k is item k (id and body str(k)). Checked in order, without a set of
         # a million ids inflating the next run's peak.
         with Path(report["ledger_path"]).open() as fh:
@@ -270,6 +271,9 @@ def cmd_flow_scale(ns: argparse.Namespace) -> int:
                 in_order += row["item_id"] == str(rows) == row["body"] and row["index"] == rows
                 rows += 1
                 succeeded_rows += row["status"] == "succeeded"
+                result = row.get("result")
+                with_result += result is not None
+                exact_results += expect is not None and result == expect(row["body"].encode())
         runs.append(
             {
                 "items": n,
@@ -280,6 +284,9 @@ def cmd_flow_scale(ns: argparse.Namespace) -> int:
                 "ledger_rows": rows,
                 "ledger_unique_ids": in_order,
                 "ledger_succeeded": succeeded_rows,
+                "ledger_results": with_result,
+                "ledger_results_exact": exact_results,
+                "report_results": (report.get("results") or {}).get("items"),
                 "ledger_bytes": Path(report["ledger_path"]).stat().st_size,
                 "max_unacked": report.get("max_unacked_records"),
                 "max_rss_kb": peak,
@@ -288,6 +295,16 @@ def cmd_flow_scale(ns: argparse.Namespace) -> int:
         print(f"{n} items: {wall:.1f} s, peak RSS {peak / 1024:.0f} MiB", file=sys.stderr)
     emit({"rss_idle_kb": rss_idle, "runs": runs})
     return 0
+
+
+def _expected_result(call: str | None) -> Any:
+    """The function whose result each row must hold (bench.trivial's), or None."""
+    if call is None or not call.startswith("bench.trivial:"):
+        return None
+    import bench.trivial
+
+    fn = getattr(bench.trivial, call.split(":", 1)[1])
+    return None if fn is bench.trivial.noop else fn
 
 
 def cmd_results_absorb(ns: argparse.Namespace) -> int:

@@ -12,15 +12,28 @@ A second child measures the flow's side of the results alone: 100,000 outcome re
 in a results queue, taken by the flow's own monitor (results consumer, a checkpoint segment in
 the ledger storage per batch, the SQLite store, one ack per batch), in records/s.
 
+A third child runs the largest size again with item results: the pods call
+``bench.trivial:result100``, which returns a 100-byte string made from the item, so every
+outcome record, checkpoint segment, store row and ledger row carries one. Its throughput is
+compared with the run without results of the same round (the two alternate going first), its
+peak RSS is its own, and every ledger row's result is checked against the function.
+
 Targets: the 1,000,000-item run ends within 6 minutes with two worker pods; every item of the
 largest run has a ``succeeded`` row in the ledger; the flow's memory is flat: its peak at
 1,000,000 items below an absolute ceiling and at most a little above its peak at 100,000 (the
 ledger lives on disk; nothing in memory grows with the items); the unacknowledged records stay
 within their bound; and the results are absorbed faster than the workers can produce them.
+With 100-byte results: at least 0.8x the throughput without, the same memory ceiling, and
+exactly one correct result per item.
+
+``QUEUEJOB_BENCH_SCALE_SIZES=SMALL,MID,LARGE`` replaces the three sizes (for a short trial of
+the figure; its targets are stated for the full sizes).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -45,9 +58,18 @@ MAX_UNACKED = 10_000  # the flow's default bound (QUEUEJOB_MAX_UNACKED_RECORDS)
 TARGET_ABSORB_RATE = 5_000.0  # records/s
 ABSORB_RECORDS = 100_000
 CALL = "bench.trivial:noop"
+RESULT_CALL = "bench.trivial:result100"  # 100-byte results
+TARGET_RESULTS_RATIO = 0.8  # throughput with results / without
+SIZES_ENV = "QUEUEJOB_BENCH_SCALE_SIZES"
 
 
 def _sizes(quick: bool) -> tuple[int, int, int]:
+    raw = os.environ.get(SIZES_ENV, "").strip()
+    if raw:
+        sizes = sorted(int(x) for x in raw.split(","))
+        if len(sizes) != 3 or sizes[0] < 1 or len(set(sizes)) != 3:
+            raise ValueError(f"{SIZES_ENV}={raw!r}: give three sizes, e.g. 2000,5000,20000")
+        return sizes[0], sizes[1], sizes[2]
     return (2_000, 10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
 
 
@@ -62,12 +84,13 @@ def run(ctx: Context) -> FigureResult:
         "mode": "fine",
         "parallelism": PARALLELISM,
         "call": CALL,
+        "results_call": RESULT_CALL,
         "absorb_records": ABSORB_RECORDS,
     }
     s = _new_series(fig, sizes)
     work = ctx.scratch(KEY)
     full_ledgers = True
-    for _ in rounds(ctx, KEY):
+    for round_no in rounds(ctx, KEY):
         out = run_child(
             ["results-absorb", "--records", str(ABSORB_RECORDS), "--max-unacked",
              str(MAX_UNACKED), "--queue", queue_name(f"{KEY}-absorb")],
@@ -76,28 +99,41 @@ def run(ctx: Context) -> FigureResult:
             what="the results absorption",
         )  # fmt: skip
         s["absorb_rate"].add(out["records"] / out["wall_s"])
-        out = run_child(
-            [
-                "flow-scale",
-                "--items",
-                f"{small},{mid},{large}",
-                "--parallelism",
-                str(PARALLELISM),
-                "--call",
-                CALL,
-                "--timeout",
-                "5400",
-                "--queue-prefix",
-                queue_name(KEY),
-            ],
-            env=prefect_env(ctx.broker_url, work),
-            timeout_s=7200,
-            what=f"the {large:,}-item flow run",
-        )
+        # The runs without and with results alternate going first.
+        if round_no % 2:
+            out = _flow_child(ctx, work, f"{small},{mid},{large}", CALL)
+            res = _flow_child(ctx, work, str(large), RESULT_CALL)
+        else:
+            res = _flow_child(ctx, work, str(large), RESULT_CALL)
+            out = _flow_child(ctx, work, f"{small},{mid},{large}", CALL)
         if not _add_round(fig, s, sizes, out):
             full_ledgers = False
+        _add_results_round(fig, s, large, res)
     _add_targets(fig, s, sizes, quick=ctx.quick, full_ledgers=full_ledgers)
+    _add_results_targets(fig, s, large)
     return fig
+
+
+def _flow_child(ctx: Context, work: Path, sizes: str, call: str) -> dict[str, Any]:
+    """A child process: a warm-up flow run, then one fine-mode run per size (ascending)."""
+    return run_child(
+        [
+            "flow-scale",
+            "--items",
+            sizes,
+            "--parallelism",
+            str(PARALLELISM),
+            "--call",
+            call,
+            "--timeout",
+            "5400",
+            "--queue-prefix",
+            queue_name(KEY),
+        ],
+        env=prefect_env(ctx.broker_url, work),
+        timeout_s=7200,
+        what=f"the {int(sizes.rsplit(',', 1)[-1]):,}-item flow run ({call})",
+    )
 
 
 def _new_series(fig: FigureResult, sizes: tuple[int, int, int]) -> dict[str, Series]:
@@ -120,6 +156,18 @@ def _new_series(fig: FigureResult, sizes: tuple[int, int, int]) -> dict[str, Ser
             "absorb_rate",
             f"results consumer + ledger (checkpoint, store, ack), {ABSORB_RECORDS:,} records",
             "records/s",
+        ),
+        (
+            "rate_results",
+            f"{large:,} items with 100-byte results: throughput, whole flow",
+            "items/s",
+        ),
+        ("peak_results", f"flow process peak RSS, {large:,} items with 100-byte results", "MB"),
+        ("results_exact", f"{large:,} items: ledger rows holding their exact result", "items"),
+        (
+            "ledger_bytes_results",
+            f"{large:,} items with results: final ledger.jsonl size per item",
+            "B/item",
         ),
     ]
     return {key: fig.new_series(key, label, unit) for key, label, unit in specs}
@@ -168,6 +216,61 @@ def _add_round(
         f"at most {b['max_unacked']} records unacknowledged"
     )
     return full
+
+
+def _add_results_round(
+    fig: FigureResult, s: dict[str, Series], large: int, out: dict[str, Any]
+) -> None:
+    """The run with results into its series; a shortfall is noted."""
+    [r] = [r for r in out["runs"] if r["items"] == large]
+    exact = r["ledger_results_exact"]
+    whole = r["job_phase"] == "Succeeded" and exact == r["ledger_results"] == large
+    if not whole or r["report_results"] != large:
+        fig.notes.append(
+            f"the {large:,}-item run with results ended {r['job_phase']}: {r['ledger_results']} "
+            f"rows with a result, {exact} exact, the report counted {r['report_results']}"
+        )
+    s["rate_results"].add(large / r["wall_s"])
+    s["peak_results"].add(r["max_rss_kb"] * 1024 / 1e6)
+    # Exact means every row holds its own result and no row holds another.
+    s["results_exact"].add(exact if r["ledger_results"] == exact else 0)
+    s["ledger_bytes_results"].add(r["ledger_bytes"] / large)
+    say(
+        f"  {large:,} items with results: {r['wall_s']:.1f} s ({large / r['wall_s']:,.0f} "
+        f"items/s), {exact:,} exact results, peak RSS {r['max_rss_kb'] / 1024:.0f} MiB"
+    )
+
+
+def _add_results_targets(fig: FigureResult, s: dict[str, Series], large: int) -> None:
+    ratio = fig.ratio(
+        f"{large:,} items: with 100-byte results / without", "rate_results", "rate_large"
+    )
+    fig.target(
+        f"{large:,} items with 100-byte results vs without",
+        ratio,
+        ">=",
+        TARGET_RESULTS_RATIO,
+        "x",
+        measured="throughput with / without results",
+    )
+    fig.target(
+        f"flow peak RSS, {large:,} items with results",
+        s["peak_results"].median,
+        "<=",
+        TARGET_PEAK_MB,
+        "MB",
+        measured="flow process",
+    )
+    exact = s["results_exact"]
+    fig.target(
+        f"every result kept, exactly ({large:,} items)",
+        min(exact.values) if exact.values else None,
+        ">=",
+        float(large),
+        "items",
+        measured="ledger rows with their exact result, worst run",
+        detail="; ".join(n for n in fig.notes if "with results" in n),
+    )
 
 
 def _add_targets(

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from queuejob.blocks._validation import readable_errors
 from queuejob.flows.core.errors import InvalidInput
 from queuejob.flows.core.manifest import MAX_NAME, RUN_SUFFIX_LEN, JobSpec
+from queuejob.flows.core.results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_CEILING
 
 # The JSON-schema pattern lets the UI reject a bad namespace before the block is saved.
 _DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -53,6 +54,15 @@ class WorkQueueJobTemplate(Block):
         default=None,
         description="Instead of a command: a Python function 'package.module:function' in the "
         "image, called with the item's body (bytes).",
+    )
+    max_result_bytes: int = Field(
+        default=DEFAULT_MAX_RESULT_BYTES,
+        ge=0,
+        le=MAX_RESULT_BYTES_CEILING,
+        description="The largest result an item may return, in bytes: the function's return "
+        "value as JSON, or what the command writes to $QUEUEJOB_RESULT_FILE. A larger result "
+        "fails the item (nothing is truncated): store large outputs elsewhere (a bucket) and "
+        "return a reference to them.",
     )
     namespace: str = Field(
         default="default",

@@ -14,7 +14,10 @@ deadline still bound the wait.
 Records are taken in batches of at most half of ``max_unacked`` (the consumer's prefetch, so the
 broker never has more than that many unacknowledged), each saved by the ledger (a checkpoint in
 the ledger storage, then the local store) before it is acknowledged: the broker keeps sending
-the next batch while one is being saved.
+the next batch while one is being saved. Records carry the items' results, so a batch also
+ends at `BATCH_BYTES` of records, and no more than that is read from the connection ahead of
+it: the flow's memory stays bounded whatever the results' sizes (the rest of the window waits
+in the broker and the socket).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ DEFAULT_MAX_UNACKED = 10_000
 # One on_update keeps taking full batches for at most this long, so a burst of records is
 # absorbed at the store's pace while the Job's events and the broker's depth are still read.
 DRAIN_SLICE_S = 0.8
+# The most record bytes one batch holds (records with results up to the run's limit each; a
+# batch of small records ends at its count first).
+BATCH_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +106,7 @@ class RunMonitor:
     dead_delta: int = 0
     _broker_lost_at: float | None = None
     _max_unacked_seen: int = 0
+    batch_bytes: int = BATCH_BYTES
 
     def __enter__(self) -> RunMonitor:
         if self.max_unacked < 2:
@@ -144,7 +151,9 @@ class RunMonitor:
         until = time.monotonic() + slice_s
         taken = 0
         while True:
-            batch = consumer.take(max_wait_s=max_wait_s, max_records=self.batch_size)
+            batch = consumer.take(
+                max_wait_s=max_wait_s, max_records=self.batch_size, max_bytes=self.batch_bytes
+            )
             self._max_unacked_seen = max(self._max_unacked_seen, consumer.max_unacked_seen)
             if batch.messages == 0:
                 return taken
@@ -157,7 +166,8 @@ class RunMonitor:
                 raise
             consumer.ack(batch)
             taken += batch.messages
-            if batch.messages < self.batch_size or time.monotonic() >= until:
+            full = batch.messages >= self.batch_size or batch.bytes >= self.batch_bytes
+            if not full or time.monotonic() >= until:
                 return taken
             max_wait_s = 0.0
 

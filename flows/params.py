@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from queuejob.flows.core.errors import InvalidInput
 from queuejob.flows.core.items import ItemSource
 from queuejob.flows.core.manifest import JobSpec
+from queuejob.flows.core.results import MAX_RESULT_BYTES_CEILING
 from queuejob.flows.core.validation import readable_errors
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
@@ -97,6 +98,13 @@ class JobParams(BaseModel):
         default=None,
         description="Instead of a command: a Python callable 'module:function' given the item.",
     )
+    max_result_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_RESULT_BYTES_CEILING,
+        description="The largest result an item may return, in bytes (default 65536, or the "
+        "template's); a larger one fails the item.",
+    )
     namespace: str | None = Field(default=None, description="Kubernetes namespace.")
     parallelism: int | None = Field(
         default=None, ge=1, le=10_000, description="Pods running at once (default 2)."
@@ -141,6 +149,7 @@ class JobParams(BaseModel):
             "image": self.image,
             "command": tuple(self.command) if self.command is not None else None,
             "call": self.call,
+            "max_result_bytes": self.max_result_bytes,
             "namespace": self.namespace,
             "parallelism": self.parallelism,
             "backoff_limit": self.backoff_limit,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from queuejob.flows.core import caveats
+from queuejob.flows.core import results as core_results
 from queuejob.flows.core.job_status import JobState
 from queuejob.flows.core.ledger import LedgerSummary
 
@@ -92,6 +93,13 @@ def report_markdown(report: dict[str, Any], findings: list[caveats.Finding]) -> 
         for pf in report["pod_failures"][:POD_FAILURES_SHOWN]:
             tail = pf["log_tail"].strip().replace("\n", "\n    ")
             lines += [f"- `{pf['pod']}` exit {pf['exit_code']} ({pf['reason']}):", f"    {tail}"]
+    results = report.get("results") or {}
+    if results.get("items"):
+        lines += [
+            "",
+            f"Results: {results['items']} item(s) returned one, in the `result` column of the "
+            f"ledger; `{results['read_with']}` prints them (`queuejob.read_results` in Python).",
+        ]
     lines += ["", f"Full ledger (JSON Lines, one row per item): `{report['ledger_path']}`"]
     return "\n".join(lines)
 
@@ -116,10 +124,24 @@ def log_pod_failures(logger: Any, pod_failures: list[dict[str, Any]]) -> None:
 
 
 def table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row for the table artifact: the body cut, the result short and on one line."""
     body = row.get("body") or ""
     if len(body) > TABLE_BODY_CAP:
         row = {**row, "body": body[:TABLE_BODY_CAP] + "..."}
+    if "result" in row:
+        row = {**row, "result": core_results.short(row["result"])}
     return row
+
+
+def results_info(
+    run_id: str, ledger_path: str, count: int, ledger_storage: str | None
+) -> dict[str, Any]:
+    """Where a run's item results are, for its report and return value: how many items have
+    one, the ledger file and its column, and the command that prints them."""
+    read = f"queuejob results {run_id}"
+    if ledger_storage:
+        read += f" --ledger-storage {ledger_storage}"
+    return {"items": count, "ledger_path": ledger_path, "column": "result", "read_with": read}
 
 
 def rerun_of(params: dict[str, Any]) -> str | None:

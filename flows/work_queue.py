@@ -491,8 +491,26 @@ def report(
         )
     result = _report_dict(run, ledger, state, summary, pod_failures, ledger_path, kept)
     run.storage.write_report(run.run_id, {**result, "params": run.params})
+    if result["rerun_of"]:
+        _link_rerun(run, result["rerun_of"])
     run_report.log_summary(get_run_logger(), summary, run.findings, state)
     return result
+
+
+def _link_rerun(run: Run, earlier: str) -> None:
+    """Leave a link to this rerun in the earlier run's directory (`queuejob results
+    --follow-reruns` reads it); a failure costs only that, so it is logged, not raised."""
+    from queuejob.flows.results import record_rerun
+
+    try:
+        record_rerun(
+            earlier_run_id=earlier,
+            earlier_storage=run.items.ledger_storage,
+            rerun_id=run.run_id,
+            ledger_storage=run.params.get("ledger_storage"),
+        )
+    except QueueJobError as exc:
+        get_run_logger().warning("could not link this rerun to run %s: %s", earlier, exc)
 
 
 def conclude(
@@ -588,4 +606,8 @@ def _report_dict(
         "labels": run_labels(run.run_id),
         # The run whose ledger this one's items came from (queuejob rerun), else None.
         "rerun_of": run_report.rerun_of(run.params),
+        # Where the items' results are: the ledger's `result` column.
+        "results": run_report.results_info(
+            run.run_id, ledger_path, ledger.result_count(), run.params.get("ledger_storage")
+        ),
     }

@@ -7,7 +7,7 @@ because its top-level folders are the design's: `flows/` is installed as `queuej
 The Python API, for a flow of your own::
 
     from prefect import flow
-    from queuejob import ItemSource, JobParams, run_work_queue
+    from queuejob import ItemSource, JobParams, read_results, run_work_queue
 
     @flow
     def nightly_etl() -> None:
@@ -16,6 +16,8 @@ The Python API, for a flow of your own::
             job=JobParams(call="my_project.etl:process"),
             backend="local",
         )
+        for row in read_results(summary["run_id"]):  # each item's return value, streamed
+            print(row["item_id"], row["status"], row["result"])
 
 Every name is imported on first use, so ``import queuejob`` costs nothing: the pod program
 (`queuejob worker`) starts with it and must not pay for Prefect.
@@ -32,12 +34,14 @@ if TYPE_CHECKING:
     from queuejob.flows.core.items import ItemSource
     from queuejob.flows.params import CleanupParams, JobParams, QueueParams
     from queuejob.flows.rerun import rerun_failures
+    from queuejob.flows.results import read_results
     from queuejob.flows.work_queue import run_work_queue
 
 # name -> the module that defines it
 _API = {
     "run_work_queue": "queuejob.flows.work_queue",
     "rerun_failures": "queuejob.flows.rerun",
+    "read_results": "queuejob.flows.results",
     "ItemSource": "queuejob.flows.core.items",
     "QueueParams": "queuejob.flows.params",
     "JobParams": "queuejob.flows.params",
@@ -54,6 +58,7 @@ __all__ = [
     "RabbitMQBroker",
     "WorkQueueJobTemplate",
     "__version__",
+    "read_results",
     "rerun_failures",
     "run_work_queue",
 ]

@@ -10,6 +10,11 @@ Layout, relative to the storage's base path, one directory per flow run::
     <run_id>/ledger.jsonl                          final: one JSON row per item, in item order
     <run_id>/report.json                           final: the run's report, its parameters and
                                                    where the ledger is
+    <run_id>/reruns/<rerun_id>.json                a rerun of this run ended: when, and where
+                                                   its own ledger is
+
+Each row of ``ledger.jsonl`` has the item's ``result`` (see `queuejob.flows.core.results`):
+what its succeeded attempt returned, or null.
 
 A segment holds one batch of outcome records (one compact JSON record per line) and ends with
 a trailer line ``{"end": N}`` giving how many records it holds. ``<w>`` names the process that
@@ -41,6 +46,7 @@ LEDGER_DIR_ENV = "QUEUEJOB_LEDGER_DIR"
 LEDGER_FILE = "ledger.jsonl"
 REPORT_FILE = "report.json"
 SEGMENTS_DIR = "segments"
+RERUNS_DIR = "reruns"
 _SEGMENT_RE = re.compile(r"records-(\d{8})(-[0-9a-z]+)?\.jsonl$")
 
 # Fate names: what the ledger rows carry, and what users may type (`left` for left_in_queue).
@@ -215,6 +221,43 @@ class LedgerStorage:
                 f"cannot write the report {path}: {_describe_exc(exc)}"
             ) from exc
         return path
+
+    def write_rerun_link(self, run_id: str, rerun_id: str, link: dict[str, Any]) -> str:
+        """Note in run ``run_id``'s directory that ``rerun_id`` reran some of its items
+        (``<run_id>/reruns/<rerun_id>.json``, holding ``link``); writing it again replaces it."""
+        path = self.path(run_id, f"{RERUNS_DIR}/{_check_run_id(rerun_id)}.json")
+        try:
+            self._write_bytes(path, json.dumps(link).encode())
+        except Exception as exc:
+            raise LedgerStorageError(
+                f"cannot write the rerun link {path}: {_describe_exc(exc)}"
+            ) from exc
+        return path
+
+    def rerun_links(self, run_id: str) -> list[dict[str, Any]]:
+        """The links `write_rerun_link` left in the run's directory (unreadable ones skipped),
+        oldest rerun first (by ``finished_at``)."""
+        folder = self.path(run_id, RERUNS_DIR)
+        try:
+            names = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise LedgerStorageError(
+                f"cannot list the reruns in {folder}: {_describe_exc(exc)}"
+            ) from exc
+        links = []
+        for name in sorted(str(n).rstrip("/").rsplit("/", 1)[-1] for n in names):
+            if not name.endswith(".json") or name.startswith("."):
+                continue  # a link being written (a temporary name) is not one yet
+            try:
+                with self.fs.open(self.path(run_id, f"{RERUNS_DIR}/{name}"), "rb") as fh:
+                    link = json.loads(fh.read())
+            except (OSError, ValueError):
+                continue
+            if isinstance(link, dict) and isinstance(link.get("run_id"), str):
+                links.append(link)
+        return sorted(links, key=lambda x: float(x.get("finished_at") or 0.0))
 
     # --- reading -------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@
 stays flat whatever the number of items: one row per item (its body, attempts and last record),
 one key per record taken (so a record handed over twice counts once). Counts, caveat inputs, the
 summary and the final rows are queries over that store; the progress numbers are counters kept
-as records arrive.
+as records arrive. An item's result (`queuejob.flows.core.results`) is kept in its row as JSON
+text, from the record its last attempt's details come from (a success wins over a later
+failure), so a succeeded item has the result of its success.
 
 Each batch is written to the ledger storage as a checkpoint segment *before* the store commits
 it, and the caller acknowledges the batch's records to the broker only after `absorb` returned.
@@ -44,6 +46,7 @@ from queuejob.flows.core.ledger import (
     SUCCEEDED,
     LedgerSummary,
     OutcomeRecord,
+    record_dict,
 )
 
 WORK_DIR_ENV = "QUEUEJOB_LEDGER_WORK_DIR"
@@ -64,7 +67,8 @@ CREATE TABLE items (
     last_pod TEXT,
     last_exit INTEGER,
     last_duration REAL,
-    last_tail TEXT
+    last_tail TEXT,
+    last_result TEXT
 );
 CREATE INDEX items_order ON items (idx, item_id);
 CREATE TABLE seen (digest INTEGER PRIMARY KEY);
@@ -90,8 +94,8 @@ END;
 # under the same rule as before: a success wins over later duplicate failures.
 _FOLD = """
 INSERT INTO items (item_id, idx, attempts, successes, failures, interrupted, highest_attempt,
-                   last_status, last_pod, last_exit, last_duration, last_tail)
-VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   last_status, last_pod, last_exit, last_duration, last_tail, last_result)
+VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (item_id) DO UPDATE SET
     idx = coalesce(items.idx, excluded.idx),
     attempts = items.attempts + 1,
@@ -103,12 +107,13 @@ ON CONFLICT (item_id) DO UPDATE SET
     last_pod = CASE WHEN {keep} THEN items.last_pod ELSE excluded.last_pod END,
     last_exit = CASE WHEN {keep} THEN items.last_exit ELSE excluded.last_exit END,
     last_duration = CASE WHEN {keep} THEN items.last_duration ELSE excluded.last_duration END,
-    last_tail = CASE WHEN {keep} THEN items.last_tail ELSE excluded.last_tail END
+    last_tail = CASE WHEN {keep} THEN items.last_tail ELSE excluded.last_tail END,
+    last_result = CASE WHEN {keep} THEN items.last_result ELSE excluded.last_result END
 """.format(keep=f"(items.last_status = '{SUCCEEDED}' AND excluded.last_status != '{SUCCEEDED}')")
 
 _ROW_COLUMNS = (
     "item_id, idx, body, attempts, successes, failures, highest_attempt, dead, "
-    "last_status, last_pod, last_exit, last_duration, last_tail"
+    "last_status, last_pod, last_exit, last_duration, last_tail, last_result"
 )
 
 
@@ -118,15 +123,25 @@ def default_work_dir() -> Path:
     return Path(base) if base else Path(tempfile.gettempdir()) / "queuejob-ledger-work"
 
 
-_RECORD_FIELDS = tuple(OutcomeRecord.__dataclass_fields__)
-
-
 def record_json(record: OutcomeRecord) -> bytes:
     """The record as one line of compact JSON (as `OutcomeRecord.to_json`, built faster: this
     runs once per record the flow takes)."""
-    return json.dumps(
-        {f: getattr(record, f) for f in _RECORD_FIELDS}, separators=(",", ":")
-    ).encode()
+    return json.dumps(record_dict(record), separators=(",", ":")).encode()
+
+
+def result_text(value: Any) -> str | None:
+    """A result as the JSON text the store keeps (None for no result). Text that is not valid
+    Unicode (a lone surrogate, which no worker sends) is replaced rather than failing the
+    batch: the store and the ledger file are UTF-8."""
+    if value is None:
+        return None
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def record_digest(record: OutcomeRecord, data: bytes | None = None) -> int:
@@ -344,6 +359,7 @@ class RunLedger:
                     record.exit_code,
                     record.duration_s,
                     record.stderr_tail,
+                    result_text(record.result) if ok else None,
                 )
             )
         # In the records' order: an item's later record sees the row its earlier one left.
@@ -433,6 +449,15 @@ class RunLedger:
             foreign_records=self.foreign_records,
         )
 
+    def result_count(self) -> int:
+        """Items that have a result."""
+        (n,) = (
+            self._conn()
+            .execute("SELECT count(*) FROM items WHERE last_result IS NOT NULL")
+            .fetchone()
+        )
+        return int(n)
+
     def unreported_attempts(self) -> int:
         """Items delivered again after an attempt that left no record."""
         (n,) = (
@@ -481,7 +506,7 @@ class RunLedger:
 
 def _row(r: tuple[Any, ...]) -> dict[str, Any]:
     (item_id, idx, body, attempts, successes, failures, highest, dead) = r[:8]
-    last_status, pod, exit_code, duration, tail = r[8:]
+    last_status, pod, exit_code, duration, tail, result = r[8:]
     has_last = last_status is not None
     return {
         "item_id": item_id,
@@ -493,6 +518,7 @@ def _row(r: tuple[Any, ...]) -> dict[str, Any]:
         "duration_s": round(duration, 3) if has_last and duration is not None else None,
         "error_tail": tail if has_last and last_status != SUCCEEDED and tail else "",
         "body": body,
+        "result": None if result is None else json.loads(result),
     }
 
 

@@ -5,6 +5,8 @@
   queuejob render [options] -- CMD ...        print the Secret (redacted) and Job it would create
   queuejob ledger RUN_ID [--fate F] [--ledger-storage BLOCK] [--format table|jsonl]
                                               a finished run's summary and ledger rows
+  queuejob results RUN_ID [--format jsonl|csv] [--fate F] [--follow-reruns]
+                                              a finished run's items with their results
   queuejob worker [worker options] -- CMD ... the pod program (python -m queuejob.flows.worker)
   queuejob rerun RUN_ID [--fate F] [options]  an earlier run's failed items as a new run
   queuejob dead-letters QUEUE [--requeue]     list <QUEUE>.dead, or move it back to QUEUE
@@ -18,7 +20,8 @@ input; tracebacks only with --debug.
 
 Modules: `args` (the run options, turned into the flow's parameters and checked before Prefect
 starts), `running` (run, demo and render: a flow run in this process) and `after_run` (ledger,
-rerun and dead-letters: what comes after a run). `main` here builds the parser and dispatches.
+rerun and dead-letters: what comes after a run) and `results` (the items' results, streamed).
+`main` here builds the parser and dispatches.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from queuejob.flows.cli.args import (
     add_job_options,
     positive_int,
 )
+from queuejob.flows.cli.results import add_results_options, cmd_results
 from queuejob.flows.cli.running import cmd_demo, cmd_render, cmd_run
 
 
@@ -130,6 +134,14 @@ def _parser() -> Parser:
         help="the LocalFileSystem or RemoteFileSystem block the run kept its ledger in",
     )
     ledger.add_argument("--format", choices=["table", "jsonl"], default="table")
+    add_results_options(
+        sub.add_parser(
+            "results",
+            help="a finished run's items with their results",
+            description="Print a finished run's items with their results, in item order, "
+            "streamed from its ledger: item_id, index, body, status, result.",
+        )
+    )
     sub.add_parser("worker", help="the pod program (see `queuejob worker --help`)")
     add_rerun_options(
         sub.add_parser(
@@ -173,5 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_rerun(args, command)
     if args.cmd == "ledger":
         return cmd_ledger(args)
+    if args.cmd == "results":
+        return cmd_results(args)
     parser.error(f"unknown command {args.cmd}")
     return 2

@@ -31,6 +31,7 @@ RERUN_OVERRIDES: dict[str, tuple[str, str | None]] = {
     "namespace": ("job", "namespace"),
     "template_block": ("job", "template_block"),
     "call": ("job", "call"),
+    "max_result_bytes": ("job", "max_result_bytes"),
     "queue": ("queue", "name"),
     "queue_type": ("queue", "type"),
     "delivery_limit": ("queue", "delivery_limit"),

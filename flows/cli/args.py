@@ -38,6 +38,7 @@ OPTION_NAMES = {
     "job.backoff_limit": "--backoff-limit",
     "job.active_deadline_seconds": "--deadline",
     "job.idle_timeout_seconds": "--idle-timeout",
+    "job.max_result_bytes": "--max-result-bytes",
 }
 
 RUN_EPILOG = """\
@@ -221,6 +222,13 @@ def _add_job_group(p: argparse.ArgumentParser) -> None:
         metavar="MOD:FUNC",
         help="Python callable given each item, not a command (default: none)",
     )
+    job.add_argument(
+        "--max-result-bytes",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="largest result per item; larger fails it (default: 65536)",
+    )
 
 
 def _add_queue_options(p: argparse.ArgumentParser) -> None:
@@ -337,6 +345,7 @@ def flow_kwargs(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
             backoff_limit=args.backoff_limit,
             active_deadline_seconds=args.deadline,
             idle_timeout_seconds=args.idle_timeout,
+            max_result_bytes=getattr(args, "max_result_bytes", None),
         )
     except ValidationError as exc:
         raise InvalidInput(f"invalid job settings: {_plain(exc, 'job')}") from None

@@ -67,6 +67,9 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"    - [{f['severity']}] {f['code']}: {f['message']}")
     print(f"  wall time:      {report['wall_time_s']:.1f} s")
     print(f"  ledger:         {report.get('ledger') or report['ledger_path']}")
+    results = report.get("results") or {}
+    if results.get("items"):
+        print(f"  results:        {results['items']} item(s): {results['read_with']}")
 
 
 class _NoTraceback(logging.Formatter):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 # Record statuses written by workers.
@@ -43,10 +43,13 @@ class OutcomeRecord:
     stderr_tail: str = ""
     ts: float = 0.0
     v: int = RECORD_VERSION
+    # The item's result (a JSON value, see `queuejob.flows.core.results`), on a succeeded
+    # attempt only; left out of the JSON when None. Not hashed: it may be a list or a dict.
+    result: Any = field(default=None, hash=False)
 
     def to_json(self) -> bytes:
         """The record as compact JSON bytes (the results queue's message body)."""
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps(record_dict(self), separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> OutcomeRecord:
@@ -56,6 +59,18 @@ class OutcomeRecord:
             raise ValueError("not an outcome record: needs at least 'run_id' and 'status'")
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         return cls(**known)
+
+
+RECORD_FIELDS = tuple(OutcomeRecord.__dataclass_fields__)
+
+
+def record_dict(record: OutcomeRecord) -> dict[str, Any]:
+    """The record's fields as a plain dict, without ``result`` when it is None (a record
+    without a result has the same JSON as before results existed)."""
+    out = {k: getattr(record, k) for k in RECORD_FIELDS}
+    if out["result"] is None:
+        del out["result"]
+    return out
 
 
 @dataclass(slots=True)
@@ -108,6 +123,7 @@ class ItemOutcome:
             "exit_code": last.exit_code if last else None,
             "duration_s": round(last.duration_s, 3) if last else None,
             "error_tail": (last.stderr_tail if last and last.status != SUCCEEDED else ""),
+            "result": last.result if last and last.status == SUCCEEDED else None,
         }
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from queuejob.flows.core.errors import InvalidInput
+from queuejob.flows.core.results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_CEILING
 
 APP_LABEL = "app.kubernetes.io/name"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -124,6 +125,14 @@ class JobSpec(BaseModel):
         default=None,
         description="A Python callable 'module:function' called with the item's body (bytes), "
         "instead of a command.",
+    )
+    max_result_bytes: int = Field(
+        default=DEFAULT_MAX_RESULT_BYTES,
+        ge=0,
+        le=MAX_RESULT_BYTES_CEILING,
+        description="The largest result an item may return, in bytes (a call's return value "
+        "as JSON, or what a command writes to $QUEUEJOB_RESULT_FILE); a larger one fails the "
+        "item. Store large outputs elsewhere and return a reference.",
     )
     namespace: str = Field(default="default", description="Namespace for the Job and Secret.")
     name_prefix: str = Field(
@@ -254,6 +263,8 @@ def worker_command(spec: JobSpec) -> list[str]:
         "--idle-timeout",
         f"{spec.idle_timeout_seconds:g}",
     ]
+    if spec.max_result_bytes != DEFAULT_MAX_RESULT_BYTES:
+        cmd += ["--max-result-bytes", str(spec.max_result_bytes)]
     if spec.call:
         return [*cmd, "--call", spec.call]
     return [*cmd, "--", *spec.command]

@@ -30,6 +30,7 @@ from queuejob.flows.adapters.broker import (
 from queuejob.flows.adapters.broker.frames import coalesce_pending_frames
 from queuejob.flows.core.errors import BrokerAuthError, BrokerUnavailable, QueueJobError
 from queuejob.flows.core.ledger import FAILED, INTERRUPTED, NO_WORK, SUCCEEDED, OutcomeRecord
+from queuejob.flows.core.results import RESULT_FILE_ENV
 from queuejob.flows.worker.options import (
     EXIT_BROKER,
     EXIT_ITEM_FAILED,
@@ -80,7 +81,14 @@ class Worker:
         self.pod = pod
         self.opts = opts
         self.call = call
-        self.executor = Executor(argv=opts.command) if call is None else None
+        self.executor = (
+            Executor(argv=opts.command, max_result_bytes=opts.max_result_bytes)
+            if call is None
+            else None
+        )
+        # A command's result file: one per item, in a directory of this worker's own.
+        self.result_dir: str | None = None
+        self.result_files = 0
         # A --call function runs on the main thread, which then lets go of the connection: a
         # keeper thread serves it (heartbeats, and a signal) while a call takes long.
         self.io = threading.Lock()
@@ -112,7 +120,40 @@ class Worker:
 
     # -- setup -----------------------------------------------------------------------------------
 
+    def _make_result_dir(self) -> None:
+        """The directory of the commands' result files; without one, commands get none."""
+        base = os.environ.get("TMPDIR") or "/tmp"
+        path = os.path.join(base, f"queuejob-results-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            os.mkdir(path, 0o700)
+        except OSError as exc:
+            self.say(
+                f"warning: cannot create a directory for result files in {base} "
+                f"({exc.strerror or exc}): commands get no $QUEUEJOB_RESULT_FILE; set TMPDIR to "
+                "a writable directory (an emptyDir volume on a read-only root file system)"
+            )
+            return
+        self.result_dir = path
+
+    def _remove_result_dir(self) -> None:
+        path, self.result_dir = self.result_dir, None
+        if path is None:
+            return
+        with contextlib.suppress(OSError):
+            for name in os.listdir(path):  # a file left by a stopped command
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(path, name))
+            os.rmdir(path)
+
     def run(self) -> int:
+        if self.executor is not None:
+            self._make_result_dir()
+        try:
+            return self._run()
+        finally:
+            self._remove_result_dir()
+
+    def _run(self) -> int:
         try:
             self.conn = connect(self.cfg, deadline_s=self.opts.connect_timeout_s)
             self._note_node()
@@ -473,6 +514,7 @@ class Worker:
     def _handle(self, method: Any, props: Any, body: bytes) -> int | None:
         item = Item.of(props, body, self.run_id, self.pod)
         env: dict[str, str] = {}
+        result_file: str | None = None
         if self.opts.call is None:
             env = dict(self.env)
             env.update(
@@ -480,6 +522,12 @@ class Worker:
                 QUEUEJOB_ITEM_INDEX="" if item.index is None else str(item.index),
                 QUEUEJOB_ATTEMPT=str(item.attempt),
             )
+            if self.result_dir is not None:
+                self.result_files += 1
+                result_file = os.path.join(self.result_dir, f"result-{self.result_files}")
+                with contextlib.suppress(OSError):  # the command may still create it
+                    os.close(os.open(result_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+                env[RESULT_FILE_ENV] = result_file
         if self.chatty:
             self.say(f"item {item.item_id!r} attempt {item.attempt}: started")
         started = time.monotonic()
@@ -488,13 +536,13 @@ class Worker:
             self.calling = (item, started)
             self.io.release()
             try:
-                res: Result | None = call_item(self.call, body)
+                res: Result | None = call_item(self.call, body, self.opts.max_result_bytes)
             finally:
                 self.io.acquire()
                 self.calling = None
         else:
             assert self.executor is not None
-            self.executor.submit(body, env)
+            self.executor.submit(body, env, result_file)
             res = self.executor.result(_TICK_S)
             while res is None:
                 if self.signal is not None:

@@ -4,14 +4,25 @@ Takes work items from a RabbitMQ queue and runs a command on each, with the item
 (the ``amqp-consume`` contract), or calls a Python function with the body::
 
     python -m queuejob.flows.worker [--mode coarse|fine] [--idle-timeout S] [--delivery-limit N]
-                           [--prefetch N] [--call module:function] [-- CMD ARGS...]
+                           [--prefetch N] [--max-result-bytes N]
+                           [--call module:function] [-- CMD ARGS...]
 
 Environment: ``BROKER_URL`` (amqp://user:password@host:port/vhost) and ``QUEUE`` (the work queue)
 are required, as in the Kubernetes docs' work-queue Job. ``QUEUEJOB_RUN_ID`` tags the outcome
 records, ``POD_NAME`` (else the host name) names the pod in them, and
 ``QUEUEJOB_DELIVERY_LIMIT`` is the default of ``--delivery-limit``. The command runs with the
-pod's environment minus ``BROKER_URL``, plus ``QUEUEJOB_ITEM_ID``, ``QUEUEJOB_ITEM_INDEX`` and
-``QUEUEJOB_ATTEMPT``; its stdout and stderr go to the pod's log.
+pod's environment minus ``BROKER_URL``, plus ``QUEUEJOB_ITEM_ID``, ``QUEUEJOB_ITEM_INDEX``,
+``QUEUEJOB_ATTEMPT`` and ``QUEUEJOB_RESULT_FILE``; its stdout and stderr go to the pod's log.
+
+Results: a ``--call`` function's return value is the item's result (a JSON value; ``bytes``
+are taken as a command's file is; None is no result). A command's result is what it writes to
+the file named by ``$QUEUEJOB_RESULT_FILE``, which the worker creates empty for each item (in
+``$TMPDIR``, else /tmp) and reads once the command exits 0: its text, exactly as written, or,
+for bytes that are not UTF-8, ``{"$base64": "..."}``; an empty file is no result. A succeeded
+item's record carries its result. A result over ``--max-result-bytes`` (the JSON of a
+``--call`` value, the file's bytes; default 65536), or a return value that is not
+JSON-serialisable, fails the item (exit code 1 in its record) with a message saying so:
+nothing is truncated; store large outputs elsewhere and return a reference to them.
 
 Per item:
 
@@ -62,7 +73,7 @@ names a CA Secret or ConfigMap), else the one the URL names, else the system's.
 
 Records carry the item id (the message id), its index, the attempt (1 + the quorum queue's
 ``x-delivery-count`` + the worker's ``queuejob-failures``), the pod, the exit code, the
-duration and the last lines of stderr.
+duration, the last lines of stderr and, for a succeeded item, its result.
 
 Exit codes:
 
@@ -87,6 +98,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from queuejob.flows.core.results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_CEILING
 
 EXIT_OK = 0
 EXIT_ITEM_FAILED = 1
@@ -116,6 +129,7 @@ class Options:
     grace_s: float
     prefetch: int
     reconnect_timeout_s: float = 60.0
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine mode: messages a worker holds at a time, the window its acks and outcome "
         f"records are pipelined in (default: {DEFAULT_PREFETCH_CALL} with --call, "
         f"{DEFAULT_PREFETCH_COMMAND} with a command; coarse mode always takes 1)",
+    )
+    parser.add_argument(
+        "--max-result-bytes",
+        type=int,
+        default=DEFAULT_MAX_RESULT_BYTES,
+        metavar="N",
+        help="an item's result may be at most N bytes; a larger one fails the item (default: "
+        f"{DEFAULT_MAX_RESULT_BYTES})",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -223,6 +245,11 @@ def parse_args(argv: list[str]) -> Options:
             raise Usage(f"QUEUEJOB_RECONNECT_TIMEOUT must be a number (got {raw!r})") from None
     if not reconnect >= 0:
         raise Usage(f"--reconnect-timeout must be 0 or more (got {reconnect})")
+    if not 0 <= ns.max_result_bytes <= MAX_RESULT_BYTES_CEILING:
+        raise Usage(
+            f"--max-result-bytes must be between 0 and {MAX_RESULT_BYTES_CEILING} (got "
+            f"{ns.max_result_bytes}); store larger outputs elsewhere and return a reference"
+        )
     return Options(
         reconnect_timeout_s=reconnect,
         mode=ns.mode,
@@ -233,6 +260,7 @@ def parse_args(argv: list[str]) -> Options:
         connect_timeout_s=max(0.0, ns.connect_timeout),
         grace_s=max(0.0, ns.grace),
         prefetch=prefetch,
+        max_result_bytes=ns.max_result_bytes,
     )
 
 

@@ -9,7 +9,6 @@ the broker refuses (basic.nack) leaves its message unacked and sets `OutcomePubl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from collections import deque
@@ -23,16 +22,15 @@ from pika import spec
 from queuejob.flows.adapters.broker import PERSISTENT, RECORD_CONTENT_TYPE
 from queuejob.flows.adapters.broker.frames import coalesce_pending_frames
 from queuejob.flows.core.errors import BrokerUnavailable
-from queuejob.flows.core.ledger import OutcomeRecord
+from queuejob.flows.core.ledger import OutcomeRecord, record_dict
 
 RECORD_PROPS = pika.BasicProperties(content_type=RECORD_CONTENT_TYPE, delivery_mode=PERSISTENT)
-_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(OutcomeRecord))
 
 
 def record_json(rec: OutcomeRecord) -> bytes:
-    """``rec.to_json()``, the same bytes, without the deep copy of `dataclasses.asdict` (a
+    """``rec.to_json()``: the record's JSON, with its result (if any), without a deep copy (a
     worker writes thousands of records a second)."""
-    return json.dumps({k: getattr(rec, k) for k in _RECORD_FIELDS}, separators=(",", ":")).encode()
+    return json.dumps(record_dict(rec), separators=(",", ":")).encode()
 
 
 @dataclass

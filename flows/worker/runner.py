@@ -1,6 +1,10 @@
 """The item runner: a ``--call`` function called in the worker's process, or a command run as one
 process per item by one long-lived thread (`Executor`); and `Item`, what the worker knows of a
-delivered message, which turns an outcome into its `OutcomeRecord`."""
+delivered message, which turns an outcome into its `OutcomeRecord`.
+
+An item's result (`queuejob.flows.core.results`) is a ``--call`` function's return value, or
+what a command wrote to its result file (``$QUEUEJOB_RESULT_FILE``, made empty for each item);
+one that cannot be kept (not JSON, over ``--max-result-bytes``) fails the item."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import os
 import queue
 import selectors
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -25,7 +30,8 @@ from queuejob.flows.adapters.broker import (
     HEADER_INDEX,
     HEADER_RUN_ID,
 )
-from queuejob.flows.core.ledger import OutcomeRecord
+from queuejob.flows.core import results
+from queuejob.flows.core.ledger import SUCCEEDED, OutcomeRecord
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000
@@ -42,16 +48,25 @@ def _stderr_tail(data: bytes | str) -> str:
 
 @dataclass(frozen=True)
 class Result:
-    """How one item ended: its exit code (0 for success) and the end of its stderr."""
+    """How one item ended: its exit code (0 for success), the end of its stderr, and its result
+    (a JSON value, None for none)."""
 
     exit_code: int
     tail: str = ""
+    result: Any = None
 
 
-def call_item(fn: Callable[[bytes], Any], body: bytes) -> Result:
-    """Call a ``--call`` function with one item's body."""
+def _result_failed(exc: results.ResultError, tail: str = "") -> Result:
+    """The item fails for its result: exit code 1, the reason in the pod's log and the record."""
+    text = f"queuejob worker: item failed: {exc}\n"
+    sys.stderr.write(text)
+    return Result(1, _stderr_tail(tail + text))
+
+
+def call_item(fn: Callable[[bytes], Any], body: bytes, max_result_bytes: int) -> Result:
+    """Call a ``--call`` function with one item's body; its return value is the result."""
     try:
-        fn(body)
+        value = fn(body)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         return Result(code, f"SystemExit({exc.code!r})\n" if code else "")
@@ -59,7 +74,43 @@ def call_item(fn: Callable[[bytes], Any], body: bytes) -> Result:
         text = traceback.format_exc()
         sys.stderr.write(text)
         return Result(1, _stderr_tail(text))
-    return Result(0)
+    if value is None:  # the common case: nothing to check
+        return Result(0)
+    try:
+        return Result(0, "", results.from_call(value, max_result_bytes))
+    except results.ResultError as exc:
+        return _result_failed(exc)
+
+
+def read_result_file(path: str, max_result_bytes: int) -> Any:
+    """A command's result: the file's bytes (`results.from_bytes`), read only when within the
+    limit. `ResultError` when over it; None when the file is empty or gone."""
+    try:
+        # Non-blocking: a FIFO put in the file's place must not hang the worker.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise results.ResultError(
+                f"$QUEUEJOB_RESULT_FILE ({path}) is no longer a regular file; write the result "
+                'into that file (e.g. > "$QUEUEJOB_RESULT_FILE"), do not replace it'
+            )
+        size = info.st_size
+        if size > max_result_bytes:
+            raise results.too_large(size, max_result_bytes, "the result file")
+        chunks = []
+        left = max_result_bytes + 1  # a file still growing is caught too
+        while left > 0:
+            chunk = os.read(fd, min(left, _PIPE_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return results.from_bytes(b"".join(chunks), max_result_bytes, what="the result file")
+    finally:
+        os.close(fd)
 
 
 class Executor:
@@ -71,18 +122,22 @@ class Executor:
     nothing else is started per item.
     """
 
-    def __init__(self, *, argv: list[str]) -> None:
+    def __init__(self, *, argv: list[str], max_result_bytes: int) -> None:
         self._argv = argv
-        self._jobs: queue.SimpleQueue[tuple[bytes, dict[str, str]]] = queue.SimpleQueue()
+        self._max_result_bytes = max_result_bytes
+        self._jobs: queue.SimpleQueue[tuple[bytes, dict[str, str], str | None]] = (
+            queue.SimpleQueue()
+        )
         self._results: queue.SimpleQueue[Result] = queue.SimpleQueue()
         self._proc: subprocess.Popen[bytes] | None = None
         self.busy = False
         threading.Thread(target=self._serve, name="queuejob-items", daemon=True).start()
 
-    def submit(self, body: bytes, env: dict[str, str]) -> None:
-        """Start one item; `result` returns its outcome."""
+    def submit(self, body: bytes, env: dict[str, str], result_file: str | None = None) -> None:
+        """Start one item; `result` returns its outcome. ``result_file``: the (empty) file the
+        command may write its result to; read once it exits 0, then removed."""
         self.busy = True
-        self._jobs.put((body, env))
+        self._jobs.put((body, env, result_file))
 
     def result(self, timeout_s: float) -> Result | None:
         """The running item's outcome, or None if it is still running after ``timeout_s``."""
@@ -111,11 +166,21 @@ class Executor:
 
     def _serve(self) -> None:
         while True:
-            body, env = self._jobs.get()
+            body, env, result_file = self._jobs.get()
             try:
                 res = self._run(body, env)
+                if res.exit_code == 0 and result_file is not None:
+                    try:
+                        value = read_result_file(result_file, self._max_result_bytes)
+                        res = Result(0, res.tail, value)
+                    except results.ResultError as exc:
+                        res = _result_failed(exc, res.tail)
             except BaseException as exc:  # never leave the main thread waiting
                 res = Result(1, f"queuejob worker: {type(exc).__name__}: {exc}\n")
+            finally:
+                if result_file is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(result_file)
             self._results.put(res)
 
     def _run(self, body: bytes, env: dict[str, str]) -> Result:
@@ -222,6 +287,7 @@ class Item:
     def record(
         self, status: str, res: Result | None, duration_s: float, note: str = ""
     ) -> OutcomeRecord:
+        """The outcome record of this attempt; a succeeded one carries the item's result."""
         return OutcomeRecord(
             run_id=self.run_id,
             status=status,
@@ -233,6 +299,7 @@ class Item:
             duration_s=round(duration_s, 3),
             stderr_tail=res.tail if res is not None else note,
             ts=time.time(),
+            result=res.result if res is not None and status == SUCCEEDED else None,
         )
 
 

@@ -31,3 +31,20 @@ def record_done(body: bytes) -> None:
         time.sleep(nap)
     with open(os.environ["DONE"], "a") as out:
         out.write(body.decode() + "\n")
+
+
+NOT_UTF8 = b"\xff\xfe raw \x00 bytes"
+
+
+def result_of(body: bytes) -> object:
+    """A return value of the kind the body names: what ``--call`` functions give back."""
+    values: dict[bytes, object] = {
+        b"int": len(body),
+        b"dict": {"item": body.decode(), "parts": [1, None, "ü"]},
+        b"bytes": NOT_UTF8,
+        b"utf8-bytes": "é".encode(),
+        b"none": None,
+        b"set": {1, 2},
+        b"big": "x" * 200,
+    }
+    return values[body]

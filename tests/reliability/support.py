@@ -104,10 +104,16 @@ class SideEffects:
     path: Path
     marker: Path
 
-    def work(self, *, sleep_s: float = 0.0) -> list[str]:
-        """Read the item from stdin, optionally take a while, append it to the file."""
+    def work(self, *, sleep_s: float = 0.0, result: bool = False) -> list[str]:
+        """Read the item from stdin, optionally take a while, append it to the file; with
+        ``result``, return ``result-<item>`` as the item's result."""
         nap = f"sleep {sleep_s:g}; " if sleep_s else ""
-        return ["sh", "-c", f'item=$(cat); {nap}echo "$item" >> {shlex.quote(str(self.path))}']
+        ret = 'printf "result-%s" "$item" > "$QUEUEJOB_RESULT_FILE"; ' if result else ""
+        return [
+            "sh",
+            "-c",
+            f'item=$(cat); {nap}{ret}echo "$item" >> {shlex.quote(str(self.path))}',
+        ]
 
     def kill_after_work(self, item: str) -> list[str]:
         """The docs' race: the first time ``item`` comes, do the work, then SIGKILL the worker

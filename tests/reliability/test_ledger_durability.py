@@ -3,7 +3,8 @@
 - The flow process is SIGKILLed while it waits for the Job (records already checkpointed and
   acknowledged, others not), its local store directory is wiped (as a new pod would find it),
   and the same flow run is retried in another process with another, empty, local directory: the
-  ledger in the storage is complete and no item or record counts twice.
+  ledger in the storage is complete, with every item's result, and no item or record counts
+  twice.
 - While a fine-mode run goes, the results queue's unacknowledged count is read from the broker
   itself (``rabbitmqctl``): it never exceeds the bound (``QUEUEJOB_MAX_UNACKED_RECORDS``).
 """
@@ -60,7 +61,7 @@ def test_flow_killed_mid_wait_retried_in_a_fresh_pod_keeps_every_record_once(
     proc = subprocess.Popen(
         [sys.executable, "-m", "queuejob.flows.cli", "run", "--range", "0", str(n),
          "--mode", "fine", "--backend", "local", "--queue", queue, "--parallelism", "2",
-         "--idle-timeout", "3", "--keep-job", "--", *fx.work(sleep_s=0.05)],
+         "--idle-timeout", "3", "--keep-job", "--", *fx.work(sleep_s=0.05, result=True)],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -117,6 +118,8 @@ def test_flow_killed_mid_wait_retried_in_a_fresh_pod_keeps_every_record_once(
     assert [r["body"] for r in rows] == items, "one row per item, in item order"
     assert {r["status"] for r in rows} == {"succeeded"}
     assert {r["attempts"] for r in rows} == {1}, "no record counted twice"
+    assert [r["result"] for r in rows] == [f"result-{i}" for i in items], "every result kept"
+    assert report["results"]["items"] == n
     # Every checkpointed record is there once across all segments, the first pod's included.
     lines = [
         line

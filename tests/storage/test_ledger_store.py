@@ -51,11 +51,18 @@ def _random_records(n_items: int, seed: int) -> list[OutcomeRecord]:
                     duration_s=rnd.random(),
                     stderr_tail="" if status == SUCCEEDED else "boom",
                     ts=float(len(out)),
+                    result=_result(len(out), i) if status == SUCCEEDED else None,
                 )
             )
     out.append(OutcomeRecord(run_id=RUN, status=NO_WORK, pod="p9", ts=-1.0))
     rnd.shuffle(out)
     return out
+
+
+def _result(k: int, i: int) -> Any:
+    """A result of some kind, or none: what --call functions and commands return (chosen
+    without drawing from the records' random sequence)."""
+    return [None, i, f"text {i} ü\n", {"i": i, "parts": [1, None]}, [i, "x"], True][k % 6]
 
 
 def _reference(records: list[OutcomeRecord], n_items: int, dead: list[str]) -> Ledger:
@@ -86,7 +93,7 @@ def test_same_fates_and_counts_as_the_reference(tmp_path: Path, seed: int) -> No
         # Every item has a row, in order; those without a record are left in the queue.
         known = {r["item_id"]: r for r in ref.rows()}
         left = {"status": "left_in_queue", "attempts": 0, "pod": "", "exit_code": None}
-        left |= {"duration_s": None, "error_tail": ""}
+        left |= {"duration_s": None, "error_tail": "", "result": None}
         expected_rows = [
             known.get(f"i{i}", {"item_id": f"i{i}", "index": i, **left}) for i in range(n)
         ]
@@ -100,6 +107,7 @@ def test_same_fates_and_counts_as_the_reference(tmp_path: Path, seed: int) -> No
         assert ledger.failed_attempts == sum(e.failures for e in ref.items.values())
         assert ledger.records == len(records)
         assert list(ledger.rows(limit=7)) == rows[:7]
+        assert ledger.result_count() == sum(r["result"] is not None for r in rows) > 0
 
 
 def test_a_fresh_store_is_rebuilt_from_the_checkpoints(tmp_path: Path) -> None:
@@ -119,6 +127,10 @@ def test_a_fresh_store_is_rebuilt_from_the_checkpoints(tmp_path: Path) -> None:
     ref = _reference(records, n, [])
     assert second.summary() == ref.summary()
     assert second.duplicate_records == 10
+    # The results came back from the checkpoints, and from the records taken since.
+    got = [(r["item_id"], r["result"]) for r in second.rows() if r["status"] == "succeeded"]
+    want = [(r["item_id"], r["result"]) for r in ref.rows() if r["status"] == "succeeded"]
+    assert got == want and any(result is not None for _, result in got)
     second.close()
 
 

@@ -63,6 +63,17 @@ def test_record_round_trips_through_json() -> None:
     assert json.loads(data)["v"] == RECORD_VERSION
 
 
+def test_a_record_carries_its_result_and_leaves_none_out() -> None:
+    with_result = rec("a", result={"rows": [1, 2], "name": "ü"})
+    data = with_result.to_json()
+    assert OutcomeRecord.from_json(data) == with_result
+    assert json.loads(data)["result"] == {"rows": [1, 2], "name": "ü"}
+    hash(with_result)  # a dict result does not make the record unhashable
+    # Without a result the record's JSON is what it was before results existed.
+    assert "result" not in json.loads(rec("b").to_json())
+    assert OutcomeRecord.from_json(rec("b").to_json()).result is None
+
+
 def test_record_defaults() -> None:
     record = OutcomeRecord.from_json(b'{"run_id": "r", "status": "no_work"}')
     assert record == OutcomeRecord(run_id="r", status=NO_WORK)
@@ -268,7 +279,9 @@ def test_row_fields() -> None:
     ledger.add(
         rec("a", FAILED, index=0, pod="p1", exit_code=3, duration_s=1.23456, stderr_tail="boom")
     )
-    ledger.add(rec("b", index=1, pod="p2", exit_code=0, duration_s=0.5, stderr_tail="warning"))
+    ledger.add(
+        rec("b", index=1, pod="p2", exit_code=0, duration_s=0.5, stderr_tail="warning", result=6)
+    )
     ledger.mark_dead_lettered(["c"])
     rows = list(ledger.rows())
     assert rows[0] == {
@@ -280,10 +293,12 @@ def test_row_fields() -> None:
         "exit_code": 3,
         "duration_s": 1.235,
         "error_tail": "boom",
+        "result": None,
     }
     # A success shows no error tail, even when the worker wrote to stderr.
     assert rows[1]["status"] == FATE_SUCCEEDED
     assert rows[1]["error_tail"] == ""
+    assert rows[1]["result"] == 6
     assert rows[2] == {
         "item_id": "c",
         "index": None,
@@ -293,6 +308,7 @@ def test_row_fields() -> None:
         "exit_code": None,
         "duration_s": None,
         "error_tail": "",
+        "result": None,
     }
     assert json.loads(json.dumps(rows)) == rows
 

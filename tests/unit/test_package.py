@@ -99,7 +99,9 @@ def test_version_comes_from_the_package_metadata() -> None:
     assert out.stdout.strip() == f"queuejob {PYPROJECT['project']['version']}"
 
 
-@pytest.mark.parametrize("name", ["run_work_queue", "rerun_failures", "RabbitMQBroker"])
+@pytest.mark.parametrize(
+    "name", ["run_work_queue", "rerun_failures", "read_results", "RabbitMQBroker"]
+)
 def test_the_api_is_lazy_and_complete(name: str) -> None:
     """`import queuejob` loads no Prefect (every pod imports it); each API name then resolves."""
     code = (

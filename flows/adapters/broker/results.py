@@ -43,6 +43,7 @@ class ResultBatch:
     last_tag: int
     channel_gen: int
     messages: int
+    bytes: int = 0  # the deliveries' bodies, all together
 
 
 class ResultsConsumer:
@@ -76,6 +77,7 @@ class ResultsConsumer:
         self._conn: Any = None
         self._channel: Any = None
         self._buffer: deque[tuple[int, bytes]] = deque()
+        self._buffered = 0  # bytes of the bodies in _buffer
         self._gen = 0  # which channel the delivery tags belong to
         self.unacked = 0  # deliveries handed out by `take` and not acknowledged yet
         self.max_unacked_seen = 0
@@ -89,6 +91,7 @@ class ResultsConsumer:
 
     def _open(self) -> None:
         self._buffer.clear()
+        self._buffered = 0
         conn = open_blocking(self.cfg)
         try:
             ch = conn.channel()
@@ -106,17 +109,23 @@ class ResultsConsumer:
 
     def _on_message(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
         self._buffer.append((int(method.delivery_tag), body))
+        self._buffered += len(body)
 
     def drain(self, *, max_wait_s: float = 0.5, max_records: int = 10_000) -> list[OutcomeRecord]:
         """This run's records that arrived so far: waits up to ``max_wait_s`` for the first
         one, then takes what is already there, up to ``max_records``."""
         return self._reconnecting(lambda: self._drain(max_wait_s, max_records))
 
-    def take(self, *, max_wait_s: float = 0.5, max_records: int = 5_000) -> ResultBatch:
+    def take(
+        self, *, max_wait_s: float = 0.5, max_records: int = 5_000, max_bytes: int = 0
+    ) -> ResultBatch:
         """Up to ``max_records`` deliveries that arrived so far (waiting up to ``max_wait_s``
-        for the first one), parsed; this run's records in the batch. Acknowledge the batch with
-        `ack` once its records are saved."""
-        return self._reconnecting(lambda: self._take(max_wait_s, max_records))
+        for the first one), parsed; this run's records in the batch. With ``max_bytes``, the
+        batch also ends once its bodies reach that many bytes (always at least one delivery),
+        and no more is read from the connection than that: records carry results, and a batch
+        of large ones stays bounded in memory. Acknowledge the batch with `ack` once its
+        records are saved."""
+        return self._reconnecting(lambda: self._take(max_wait_s, max_records, max_bytes))
 
     def _reconnecting(self, step: Callable[[], T]) -> T:
         """``step()``; after a lost connection, once more on a new one (the broker delivers the
@@ -138,13 +147,15 @@ class ResultsConsumer:
                     f"from {self.qs.results_name!r}: {cause(exc, self.cfg)}; retry later"
                 ) from None
 
-    def _take(self, max_wait_s: float, max_records: int) -> ResultBatch:
-        self._fetch(max_wait_s, max_records)
+    def _take(self, max_wait_s: float, max_records: int, max_bytes: int = 0) -> ResultBatch:
+        self._fetch(max_wait_s, max_records, max_bytes)
         records: list[OutcomeRecord] = []
         last_tag = 0
-        n = 0
-        while self._buffer and n < max_records:
+        n = size = 0
+        while self._buffer and n < max_records and not (max_bytes and size >= max_bytes):
             tag, body = self._buffer.popleft()
+            self._buffered -= len(body)
+            size += len(body)
             n += 1
             last_tag = tag
             try:
@@ -159,7 +170,9 @@ class ResultsConsumer:
         # Counted from the tags: this channel's deliveries so far, less those acknowledged.
         self.unacked += n
         self.max_unacked_seen = max(self.max_unacked_seen, self.unacked + len(self._buffer))
-        return ResultBatch(records=records, last_tag=last_tag, channel_gen=self._gen, messages=n)
+        return ResultBatch(
+            records=records, last_tag=last_tag, channel_gen=self._gen, messages=n, bytes=size
+        )
 
     def ack(self, batch: ResultBatch) -> bool:
         """Acknowledge every delivery up to the batch's last one. False (nothing done) when the
@@ -180,7 +193,7 @@ class ResultsConsumer:
         self.unacked = max(0, self.unacked - batch.messages)
         return True
 
-    def _fetch(self, max_wait_s: float, max_records: int) -> None:
+    def _fetch(self, max_wait_s: float, max_records: int, max_bytes: int = 0) -> None:
         if self._conn is None:
             self._open()
         conn = self._conn
@@ -192,7 +205,11 @@ class ResultsConsumer:
             conn.process_data_events(time_limit=min(remaining, 0.25))
         # Take what has already arrived without waiting further.
         before = -1
-        while len(self._buffer) != before and len(self._buffer) < max_records:
+        while (
+            len(self._buffer) != before
+            and len(self._buffer) < max_records
+            and not (max_bytes and self._buffered >= max_bytes)
+        ):
             before = len(self._buffer)
             conn.process_data_events(time_limit=0)
 
@@ -202,6 +219,7 @@ class ResultsConsumer:
         taken = 0
         while self._buffer and taken < max_records:
             tag, body = self._buffer.popleft()
+            self._buffered -= len(body)
             taken += 1
             try:
                 record = OutcomeRecord.from_json(body)
@@ -220,5 +238,6 @@ class ResultsConsumer:
         """Close the connection; unacknowledged records go back to the queue."""
         conn, self._conn, self._channel = self._conn, None, None
         self._buffer.clear()
+        self._buffered = 0
         self.unacked = 0
         close_quietly(conn)
