@@ -73,7 +73,7 @@ print(json.dumps({"type": type(result).__name__, "report": dict(result)}))
 class _Hook(BaseHTTPRequestHandler):
     received: list[dict[str, Any]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:  # http.server calls it by this name
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         type(self).received.append(json.loads(body or b"{}"))
         self.send_response(200)
