@@ -3,7 +3,8 @@ local backend), its exit status, its one line and summary, and the flow run's st
 Prefect API.
 
 Six items, one of them poison (delivery limit 1, completions auto): the run ends Failed with one
-finding and exits 1; the same with ``--max-failed-items 1`` ends Completed and exits 0; three of
+finding and exits 1, and so does `queuejob rerun` of it while the item is still poison; the same
+with ``--max-failed-items 1`` ends Completed and exits 0; three of
 eight items left in the queue by ``--completions 5`` exit 1; configuration the flow refuses
 before anything is queued exits 2.
 """
@@ -85,6 +86,10 @@ def test_one_poison_item_of_six_fails_the_run_with_one_finding_and_exit_1(
     # What the UI shows: the flow run Failed, with the message.
     state = _api_state(run_id)
     assert (state.type.value, state.message) == ("FAILED", message)
+    # `queuejob rerun` exits by the same table: the poison item fails again, exit 1.
+    assert cli("rerun", run_id) == 1
+    out = capsys.readouterr().out
+    assert "  outcome:        Failed: 1 of 1 item dead-lettered; Job Succeeded" in out
 
 
 def test_the_same_run_within_max_failed_items_completes_and_says_what_it_tolerated(
