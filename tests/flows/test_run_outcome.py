@@ -4,9 +4,8 @@ Prefect API.
 
 Six items, one of them poison (delivery limit 1, completions auto): the run ends Failed with one
 finding and exits 1, and so does `queuejob rerun` of it while the item is still poison; the same
-with ``--max-failed-items 1`` ends Completed and exits 0; three of
-eight items left in the queue by ``--completions 5`` exit 1; configuration the flow refuses
-before anything is queued exits 2.
+with ``--max-failed-items 1`` ends Completed and exits 0; three of eight items left in the queue
+by ``--completions 5`` exit 1; configuration the flow refuses before anything is queued exits 2.
 """
 
 from __future__ import annotations
