@@ -7,17 +7,30 @@ Every field has a description and bounds, so a bad value is rejected before the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from queuejob.flows.core.errors import InvalidInput
 from queuejob.flows.core.items import ItemSource
 from queuejob.flows.core.manifest import JobSpec
+from queuejob.flows.core.outcome import TOLERANCE_PATTERN
 from queuejob.flows.core.results import MAX_RESULT_BYTES_CEILING
 from queuejob.flows.core.validation import readable_errors
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+
+# The flow's `max_failed_items`: a number of items, or a percentage of them as text ("5%"). The
+# form shows both (a number, or text matching the pattern); the server rejects anything else.
+MaxFailedItems = Annotated[
+    Annotated[int, Field(ge=0, title="items")]
+    | Annotated[str, Field(pattern=TOLERANCE_PATTERN, title="percentage of the items")],
+    Field(
+        description="Items that may fail, be dead-lettered or be left in the queue before the "
+        "run fails: a number (default 0: any such item fails the run) or a percentage of the "
+        "items, e.g. '5%'. Caveat findings are caveat_policy's, not this.",
+    ),
+]
 # The image of a local-backend run that names none: the pods are local processes, no image is
 # pulled, but the Job manifest still needs one.
 LOCAL_IMAGE = "localhost/queuejob:local"

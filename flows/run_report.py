@@ -39,9 +39,13 @@ def create_artifacts(
 
 
 def log_summary(
-    logger: Any, summary: LedgerSummary, findings: list[caveats.Finding], state: JobState
+    logger: Any,
+    summary: LedgerSummary,
+    findings: list[caveats.Finding],
+    state: JobState,
+    headline: str | None = None,
 ) -> None:
-    """The summary line, then each finding made after the run."""
+    """The summary line, each finding made after the run, then the run's outcome."""
     s = summary
     logger.info(
         "summary: %d items, %d succeeded, %d failed, %d dead-lettered, %d left in queue; "
@@ -59,18 +63,38 @@ def log_summary(
             (logger.info if finding.severity is caveats.Severity.INFO else logger.warning)(
                 finding.line()
             )
+    if headline:
+        (logger.error if headline.startswith("Failed") else logger.info)("outcome: %s", headline)
+
+
+def headline(report: dict[str, Any]) -> tuple[str, str]:
+    """The run's outcome and the Job's condition beside it: ``("Failed: 1 of 6 items
+    dead-lettered", "Job Succeeded (CompletionsReached)")``. A report from before outcomes were
+    recorded has the Job's condition only."""
+    from queuejob.flows.core.outcome import job_condition
+
+    outcome = report.get("outcome") or {}
+    job = outcome.get("job") or job_condition(report.get("job_phase"), report.get("job_reason"))
+    return str(outcome.get("headline") or ""), str(job)
 
 
 def report_markdown(report: dict[str, Any], findings: list[caveats.Finding]) -> str:
+    """The report artifact: the outcome with the Job's condition, the counts, the findings,
+    the failed pods and where the whole ledger is."""
     s = report["summary"]
+    outcome, job = headline(report)
+    rerun = (report.get("outcome") or {}).get("rerun")
     lines = [
         f"# queuejob run {report['run_id']}",
         "",
+        f"**{outcome}** · {job}" if outcome else f"**{job}**",
+        "",
         f"Job `{report['job']}` in `{report['namespace']}` ({report['backend']} backend), "
-        f"queue `{report['queue']}`: **{report['job_phase']}**"
-        + (f" ({report['job_reason']})" if report.get("job_reason") else ""),
+        f"queue `{report['queue']}`.",
         "",
     ]
+    if rerun:
+        lines += [f"`{rerun}` runs the items that did not succeed again, as a new run.", ""]
     if report.get("rerun_of"):
         lines += [f"A rerun of run `{report['rerun_of']}`: its items from that run's ledger.", ""]
     lines += [

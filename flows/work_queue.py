@@ -9,8 +9,19 @@ The flow is five stages, each a function here, passing one `Run` along:
 * `plan_job` and `launch`: size the Job from the confirmed count, check the caveats before it,
   create (or adopt) it;
 * `watch`: wait for the Job while the outcome records feed the ledger (`wait_for_job`);
-* `report`: the caveats after the run, the saved ledger and report; then the artifacts beside
-  it, and `conclude`: fail the run, or clean up, as the outcome and the caveat policy say.
+* `report`: the caveats after the run, fitted to it (one finding per cause), the run's outcome
+  (`queuejob.flows.core.outcome`), the saved ledger and report; then the artifacts beside it,
+  and `conclude`: clean up after a Job that succeeded, emit the run's events
+  (`queuejob.flows.events`), and end the flow run Completed or Failed with the report as its
+  result.
+
+The items decide the run: one that did not succeed (failed, dead-lettered, left in the queue)
+fails it unless ``max_failed_items`` tolerates it; a failed Job fails it; ``caveat_policy='fail'``
+fails it on caveat findings. Either way everything is reported first, and the flow returns a
+state (`prefect.states.Completed` or `Failed`) whose result is the report: a Failed run's result
+is a `RunFailed` error that reads as the report, so a caller calling the flow gets that error
+raised, and one reading the state's result (``return_state=True``, then
+``state.result(raise_on_failure=False)``) gets the report either way.
 
 The ledger is an on-disk store fed in batches (`queuejob.flows.adapters.ledger_store`),
 checkpointed to the run's ledger storage (a Prefect filesystem block, `ledger_storage`) before the
@@ -35,17 +46,27 @@ from uuid import UUID
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run as runtime_flow_run
+from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
-from queuejob.flows import run_report, tasks
+from queuejob.flows import events, run_report, tasks
 from queuejob.flows.adapters import broker as broker_io
 from queuejob.flows.adapters.ledger_storage import LedgerStorage
 from queuejob.flows.adapters.ledger_store import RunLedger
 from queuejob.flows.core import caveats
 from queuejob.flows.core.backend import JobHandle
-from queuejob.flows.core.errors import InvalidInput, JobFailed, QueueJobError
+from queuejob.flows.core.errors import (
+    CaveatViolation,
+    InvalidInput,
+    ItemsFailed,
+    JobFailed,
+    PermanentError,
+    QueueJobError,
+    RunFailed,
+)
 from queuejob.flows.core.items import ItemSource
 from queuejob.flows.core.job_status import JobPhase, JobState
 from queuejob.flows.core.ledger import LedgerSummary
@@ -58,8 +79,15 @@ from queuejob.flows.core.manifest import (
     run_labels,
     secret_name,
 )
+from queuejob.flows.core.outcome import Tolerance, decide
 from queuejob.flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
-from queuejob.flows.params import CleanupParams, JobParams, QueueParams, default_items
+from queuejob.flows.params import (
+    CleanupParams,
+    JobParams,
+    MaxFailedItems,
+    QueueParams,
+    default_items,
+)
 from queuejob.flows.storage import open_storage
 
 # Fault injection for tests, on a flow run's first attempt only: "crash-after-create-job", or
@@ -89,6 +117,8 @@ class Run:
     storage: LedgerStorage
     storage_location: str
     started: float
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    caveat_policy: Literal["warn", "fail"] = "warn"
     findings: list[caveats.Finding] = field(default_factory=list)
     # Filled in place by `wait_for_job`: the unacked bound and the most unacked records seen.
     stats: dict[str, int] = field(default_factory=dict)
@@ -234,12 +264,19 @@ def run_work_queue(
     broker_block: str | None = None,
     kubernetes_credentials_block: str | None = None,
     caveat_policy: Literal["warn", "fail"] = "warn",
+    max_failed_items: MaxFailedItems = 0,
     timeout_seconds: float = 3600.0,
     broker_wait_seconds: float = 60.0,
     cleanup: CleanupParams = CleanupParams(),  # noqa: B008
     ledger_storage: str | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Process every item exactly once with a Job of pods taking items from a RabbitMQ queue.
+
+    The run ends Failed when items did not succeed (failed, dead-lettered or left in the queue)
+    beyond max_failed_items, when the Job failed, or on caveat findings under caveat_policy
+    'fail'; Completed otherwise. Its result is the report (summary, outcome, findings, where the
+    ledger is) either way; a Failed run raises it to a caller, as a `RunFailed` that reads as
+    the report.
 
     Args:
         items: where the items come from (inline list, text or JSON Lines file, range).
@@ -250,7 +287,13 @@ def run_work_queue(
         broker_block: name of a RabbitMQBroker block (else QUEUEJOB_BROKER_URL is used).
         kubernetes_credentials_block: a prefect-kubernetes KubernetesCredentials block (else
             in-cluster config, then KUBECONFIG / ~/.kube/config).
-        caveat_policy: warn (report findings) or fail (fail the run when there are any).
+        caveat_policy: what caveat findings do (completions against the items, stale
+            messages, pods without work, items processed twice): warn reports them, fail fails
+            the run on any warning or error among them. Items that did not succeed are not
+            caveats: max_failed_items decides what they do.
+        max_failed_items: how many items may fail, be dead-lettered or be left in the queue
+            before the run fails: a number of items (default 0: any fails the run), or a
+            percentage of the items as text, e.g. "5%".
         timeout_seconds: wall-clock limit for waiting on the Job.
         broker_wait_seconds: how long to wait for the broker to answer.
         cleanup: what to delete after success.
@@ -260,33 +303,54 @@ def run_work_queue(
     """
     arguments = dict(locals())  # the parameters, and nothing else yet
     params = {k: _as_json(v) for k, v in arguments.items()}
-    run = prepare(
-        params,
-        items=items,
-        queue=queue,
-        job=job,
-        mode=mode,
-        backend=backend,
-        broker_block=broker_block,
-        kubernetes_credentials_block=kubernetes_credentials_block,
-        timeout_seconds=timeout_seconds,
-        broker_wait_seconds=broker_wait_seconds,
-        ledger_storage=ledger_storage,
-    )
-    fill(run, stale_policy=queue.stale_messages)
-    secret, manifest = plan_job(run, job, caveat_policy)
-    # The ledger: rebuilt from the storage's checkpoints (a retry goes on from them). It learns
-    # the items at the start of the wait, while the pods already work; the wait follows the
-    # Job's creation at once, so a stop (SIGTERM) once pods run lands where it takes them down.
-    ledger = RunLedger.open(run.storage, run.run_id, expected=run.confirmed)
     try:
-        handle = launch(run, ledger, secret, manifest)
-        state = watch(run, ledger, handle, timeout_seconds)
-        result = report(run, ledger, handle, state, cleanup)
-        run_report.create_artifacts(result, run.findings, ledger)
-    finally:
-        ledger.close()
-    return conclude(run, state, result, cleanup, caveat_policy)
+        tolerance = _refused_if_raised(Tolerance.parse, max_failed_items)
+        run = prepare(
+            params,
+            items=items,
+            queue=queue,
+            job=job,
+            mode=mode,
+            backend=backend,
+            broker_block=broker_block,
+            kubernetes_credentials_block=kubernetes_credentials_block,
+            timeout_seconds=timeout_seconds,
+            broker_wait_seconds=broker_wait_seconds,
+            ledger_storage=ledger_storage,
+        )
+        run.tolerance, run.caveat_policy = tolerance, caveat_policy
+        fill(run, stale_policy=queue.stale_messages)
+        secret, manifest = plan_job(run, job, caveat_policy)
+        # The ledger: rebuilt from the storage's checkpoints (a retry goes on from them). It
+        # learns the items at the start of the wait, while the pods already work; the wait
+        # follows the Job's creation at once, so a stop (SIGTERM) once pods run lands where it
+        # takes them down.
+        ledger = RunLedger.open(run.storage, run.run_id, expected=run.confirmed)
+        try:
+            handle = launch(run, ledger, secret, manifest)
+            state = watch(run, ledger, handle, timeout_seconds)
+            result = report(run, ledger, handle, state, cleanup)
+            run_report.create_artifacts(result, run.findings, ledger)
+        finally:
+            ledger.close()
+        return conclude(run, state, result, cleanup)
+    except Exception as exc:
+        # Failed before it could report (bad input, the broker, the cluster, a timeout): the
+        # run's end event still goes out, with the error. (A RunFailed with its report was
+        # raised by `conclude`, after the run's events.)
+        if not (isinstance(exc, RunFailed) and exc.report):
+            events.emit_run_error(str(runtime_flow_run.id or ""), queue.name, exc)
+        raise
+
+
+def _refused_if_raised(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; a `PermanentError` it raises is marked as refused (nothing was queued or
+    created yet: the CLI exits 2)."""
+    try:
+        return fn(*args, **kwargs)
+    except PermanentError as exc:
+        exc.refused = True
+        raise
 
 
 def _as_json(value: Any) -> Any:
@@ -317,8 +381,63 @@ def prepare(
 ) -> Run:
     """Check everything that can be checked before anything happens, then wait for the broker
     and declare the queues."""
-    logger = get_run_logger()
     started = time.monotonic()
+    checked = _refused_if_raised(
+        _check_inputs,
+        items=items,
+        queue=queue,
+        job=job,
+        mode=mode,
+        backend=backend,
+        broker_block=broker_block,
+        kubernetes_credentials_block=kubernetes_credentials_block,
+        timeout_seconds=timeout_seconds,
+        broker_wait_seconds=broker_wait_seconds,
+        ledger_storage=ledger_storage,
+    )
+    run_id, spec, qs, cfg, choice, n_items, max_unacked, ledger_location, storage = checked
+    # The broker: one that stays away past the deadline fails the run (exit 1), while refused
+    # credentials are configuration refused before anything was queued (exit 2).
+    try:
+        tasks.wait_for_broker(cfg, broker_wait_seconds)
+    except PermanentError as exc:
+        exc.refused = True
+        raise
+    tasks.declare_queue(cfg, qs)
+    return Run(
+        run_id=run_id,
+        params=params,
+        items=items,
+        n_items=n_items,
+        mode=mode,
+        backend=backend,
+        cfg=cfg,
+        qs=qs,
+        choice=choice,
+        spec=spec,
+        name=job_name(spec.name_prefix, run_id),
+        storage=storage,
+        storage_location=ledger_location,
+        started=started,
+        stats={"max_unacked_allowed": max_unacked, "max_unacked_seen": 0},
+    )
+
+
+def _check_inputs(
+    *,
+    items: ItemSource,
+    queue: QueueParams,
+    job: JobParams,
+    mode: Literal["coarse", "fine"],
+    backend: Literal["kubernetes", "local"],
+    broker_block: str | None,
+    kubernetes_credentials_block: str | None,
+    timeout_seconds: float,
+    broker_wait_seconds: float,
+    ledger_storage: str | None,
+) -> tuple[Any, ...]:
+    """What `prepare` checks before it touches the broker: it has no side effects."""
+    logger = get_run_logger()
     if timeout_seconds <= 0:
         raise InvalidInput(f"timeout_seconds must be positive (got {timeout_seconds})")
     run_id = _run_id()
@@ -341,25 +460,7 @@ def prepare(
     ledger_location = tasks.check_ledger_storage(ledger_storage, run_id)
     storage = open_storage(ledger_storage)
     logger.info("ledger storage: %s", ledger_location)
-    tasks.wait_for_broker(cfg, broker_wait_seconds)
-    tasks.declare_queue(cfg, qs)
-    return Run(
-        run_id=run_id,
-        params=params,
-        items=items,
-        n_items=n_items,
-        mode=mode,
-        backend=backend,
-        cfg=cfg,
-        qs=qs,
-        choice=choice,
-        spec=spec,
-        name=job_name(spec.name_prefix, run_id),
-        storage=storage,
-        storage_location=ledger_location,
-        started=started,
-        stats={"max_unacked_allowed": max_unacked, "max_unacked_seen": 0},
-    )
+    return run_id, spec, qs, cfg, choice, n_items, max_unacked, ledger_location, storage
 
 
 def fill(run: Run, *, stale_policy: Any) -> None:
@@ -478,7 +579,8 @@ def report(
     run: Run, ledger: RunLedger, handle: JobHandle, state: JobState, cleanup: CleanupParams
 ) -> dict[str, Any]:
     """Check the caveats after the run, save the ledger, delete the queues if asked (once the
-    ledger is saved), and save and log the report."""
+    ledger is saved), fit the findings to the run, decide its outcome, and save and log the
+    report."""
     summary, pod_failures = _check_after(run, ledger, handle, state)
     ledger_path = run.storage.write_rows(run.run_id, ledger.rows())
     # Queues go once the ledger is saved (the outcome records have served), before the report,
@@ -487,13 +589,33 @@ def report(
     if state.phase is JobPhase.SUCCEEDED and cleanup.delete_queues:
         kept = tasks.delete_queues(run.cfg, run.qs)
         run.findings.extend(
-            caveats.check_kept_queues(queue=run.qs.name, dead_queue=run.qs.dead_name, kept=kept)
+            caveats.check_kept_queues(
+                queue=run.qs.name, dead_queue=run.qs.dead_name, kept=kept, run_id=run.run_id
+            )
         )
+    # One finding per cause, advice that fits the settings; in place (the wait's list).
+    run.findings[:] = caveats.fit(
+        run.findings,
+        summary=summary,
+        mode=run.mode,
+        completions=run.completions,
+        confirmed=run.confirmed,
+    )
+    failing = caveats.failing(run.findings) if run.caveat_policy == "fail" else []
+    outcome = decide(
+        summary=summary,
+        job_phase=state.phase.value,
+        job_reason=state.reason,
+        tolerance=run.tolerance,
+        run_id=run.run_id,
+        caveat_failures=[f.line() for f in failing],
+    )
     result = _report_dict(run, ledger, state, summary, pod_failures, ledger_path, kept)
+    result["outcome"] = outcome.as_dict()
     run.storage.write_report(run.run_id, {**result, "params": run.params})
     if result["rerun_of"]:
         _link_rerun(run, result["rerun_of"])
-    run_report.log_summary(get_run_logger(), summary, run.findings, state)
+    run_report.log_summary(get_run_logger(), summary, run.findings, state, outcome.headline)
     return result
 
 
@@ -514,27 +636,32 @@ def _link_rerun(run: Run, earlier: str) -> None:
 
 
 def conclude(
-    run: Run,
-    state: JobState,
-    result: dict[str, Any],
-    cleanup: CleanupParams,
-    caveat_policy: Literal["warn", "fail"],
-) -> dict[str, Any]:
-    """Fail the run if the Job failed; after a success, delete what the caller asked to; then
-    apply the caveat policy. The report is saved and shown by now either way."""
-    if state.phase is JobPhase.FAILED:
-        s = result["summary"]
-        raise JobFailed(
-            f"Job {run.name!r} failed: {state.reason} ({state.message}); "
-            f"{s['succeeded']}/{s['expected']} items succeeded; see the report artifact"
-        )
+    run: Run, state: JobState, result: dict[str, Any], cleanup: CleanupParams
+) -> State[Any] | dict[str, Any]:
+    """After a Job that succeeded, delete what the caller asked to; emit the run's events; end
+    the flow run Completed or Failed, as the report's outcome says, with the report as its
+    result. The report is saved and shown by now either way."""
     if state.phase is JobPhase.SUCCEEDED:
         if cleanup.delete_job:
             tasks.delete_run_objects(run.choice, run.spec.namespace, run.run_id)
         if not cleanup.delete_queues:  # the ledger is saved: the outcome records have served
             tasks.purge_results(run.cfg, run.qs)
-    caveats.enforce(run.findings, caveat_policy)
-    return result
+    events.emit_report(result)
+    outcome = result["outcome"]
+    reasons = outcome["reasons"]
+    error_type: type[RunFailed] = (
+        JobFailed if "job" in reasons else ItemsFailed if "items" in reasons else CaveatViolation
+    )
+    if runtime_flow_run.run_count > 1:
+        # A retried flow run. Prefect 3.9's engine hands a caller of the flow the exception of
+        # an earlier attempt when a later one returns a State (it keeps the attempt's error),
+        # so a retry returns the report or raises: the same result, Prefect's own message.
+        if outcome["state"] == "Completed":
+            return result
+        raise error_type(outcome["message"], result)
+    if outcome["state"] == "Completed":
+        return Completed(message=outcome["message"], data=result)
+    return Failed(message=outcome["message"], data=error_type(outcome["message"], result))
 
 
 def _check_after(

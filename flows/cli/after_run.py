@@ -39,6 +39,7 @@ RERUN_OVERRIDES: dict[str, tuple[str, str | None]] = {
     "broker_block": ("broker_block", None),
     "kube_credentials_block": ("kubernetes_credentials_block", None),
     "policy": ("caveat_policy", None),
+    "max_failed_items": ("max_failed_items", None),
     "timeout": ("timeout_seconds", None),
     "delete_queues": ("cleanup", "delete_queues"),
 }

@@ -41,7 +41,29 @@ OPTION_NAMES = {
     "job.max_result_bytes": "--max-result-bytes",
 }
 
-RUN_EPILOG = """\
+# The exit status of `queuejob run` and `queuejob rerun` (README.md has the same table).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "every item succeeded, or those that did not are within --max-failed-items"),
+    (1, "the run failed: items beyond --max-failed-items, the Job failed, a timeout, caveat"),
+    (1, "findings under --policy fail, or the broker or the cluster failed the run"),
+    (2, "usage or configuration refused before anything was queued or created"),
+    (130, "interrupted (Ctrl-C), once the run's Job and pods are deleted"),
+    (143, "terminated (SIGTERM), once the run's Job and pods are deleted"),
+)
+
+
+def exit_code_lines() -> str:
+    """The exit statuses as ``--help`` shows them (a status continued on a second line is
+    shown once)."""
+    lines, last = [], None
+    for code, meaning in EXIT_CODES:
+        lines.append(f"  {'' if code == last else code:<5}{meaning}")
+        last = code
+    return "\n".join(lines)
+
+
+RUN_EPILOG = (
+    """\
 examples:
   # the docs' pattern on this machine: each item on a pod's stdin, pods as local processes
   queuejob run apple banana cherry --backend local --parallelism 2 -- sh -c 'cat; echo'
@@ -54,11 +76,24 @@ examples:
   queuejob run --range 0 1000000 --mode fine --parallelism 8 --backend local \\
       -- sh -c 'cat >/dev/null'
 
+  # a nightly batch that may lose up to 1% of its items to a known-bad input
+  queuejob run --file items.txt --backend local --max-failed-items 1% -- ./process.sh
+
+Items that did not succeed (failed, dead-lettered, left in the queue) fail the run unless
+--max-failed-items tolerates them; --policy is about the pattern's caveats only (completions
+against the items, stale messages, pods without work, items processed twice).
+
+exit status:
+"""
+    + exit_code_lines()
+    + """
+
 The command after '--' runs once per item with the item on its stdin. The broker URL comes from
 QUEUEJOB_BROKER_URL (or --broker-block), never from the command line. Without PREFECT_API_URL the
 run uses a temporary local Prefect server; Prefect's telemetry is off for it unless
 PREFECT_SERVER_ANALYTICS_ENABLED=true.
 """
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,6 +140,18 @@ def _non_negative_int(value: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more (got {n})")
     return n
+
+
+def max_failed_items(value: str) -> int | str:
+    """``--max-failed-items``: a number of items (an int) or a percentage (kept as text)."""
+    from queuejob.flows.core.errors import InvalidInput
+    from queuejob.flows.core.outcome import Tolerance
+
+    try:
+        tolerance = Tolerance.parse(value)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return tolerance.count if tolerance.count is not None else value.strip()
 
 
 def _positive_seconds(value: str) -> float:
@@ -272,10 +319,17 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
         help="KubernetesCredentials block (default: in-cluster, then KUBECONFIG)",
     )
     c.add_argument(
+        "--max-failed-items",
+        type=max_failed_items,
+        default=0,
+        metavar="N|P%",
+        help="items that may not succeed, else the run fails (default: %(default)s)",
+    )
+    c.add_argument(
         "--policy",
         choices=["warn", "fail"],
         default="warn",
-        help="caveat findings: report them, or fail the run (default: %(default)s)",
+        help="caveats (not items' fates): report, or fail the run (default: %(default)s)",
     )
     c.add_argument(
         "--timeout",
@@ -367,6 +421,7 @@ def flow_kwargs(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
         "broker_block": args.broker_block,
         "kubernetes_credentials_block": args.kube_credentials_block,
         "caveat_policy": args.policy,
+        "max_failed_items": getattr(args, "max_failed_items", 0),
         "timeout_seconds": args.timeout,
         "cleanup": CleanupParams(delete_job=not args.keep_job, delete_queues=args.delete_queues),
         "ledger_storage": getattr(args, "ledger_storage", None),

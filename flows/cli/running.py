@@ -1,6 +1,8 @@
 """``queuejob run``, ``demo`` and ``render``: Prefect set up for a terminal (a temporary server
 when no API is configured, telemetry off, no tracebacks without --debug), the flow run in this
-process, its progress and its summary.
+process, its progress, its summary and its exit status (`args.EXIT_CODES`: 0 Completed, 1
+Failed, 2 refused before anything was queued or created, 130 interrupted). ``queuejob rerun``
+runs its flow through `run_flow` too, so it exits the same way.
 """
 
 from __future__ import annotations
@@ -50,11 +52,18 @@ def _progress_printer() -> Any:
     return show
 
 
-def print_summary(report: dict[str, Any]) -> None:
+def print_summary(report: Any) -> None:
+    """A run's report as the terminal shows it: the outcome first, the Job's condition, the
+    counts, the findings, and the command that reruns what did not succeed."""
+    from queuejob.flows.run_report import headline
+
     s = report["summary"]
+    outcome, job = headline(report)
     print()
     print(f"queuejob run {report['run_id']}  ({report['backend']} backend, {report['mode']} mode)")
-    print(f"  Job:            {report['namespace']}/{report['job']}: {report['job_phase']}")
+    if outcome:
+        print(f"  outcome:        {outcome}; {job}")
+    print(f"  Job:            {report['namespace']}/{report['job']}: {job.removeprefix('Job ')}")
     if report.get("rerun_of"):
         print(f"  rerun of:       {report['rerun_of']}")
     print(f"  items:          {s['expected']}")
@@ -70,6 +79,9 @@ def print_summary(report: dict[str, Any]) -> None:
     results = report.get("results") or {}
     if results.get("items"):
         print(f"  results:        {results['items']} item(s): {results['read_with']}")
+    rerun = (report.get("outcome") or {}).get("rerun")
+    if rerun:
+        print(f"  rerun:          {rerun}")
 
 
 class _NoTraceback(logging.Formatter):
@@ -119,32 +131,52 @@ def prepare_prefect(debug: bool) -> None:
                 handler.setFormatter(_NoTraceback(handler.formatter))
 
 
-def run_flow(kwargs: dict[str, Any], *, debug: bool = False) -> tuple[int, dict[str, Any] | None]:
-    """Run the flow in this process; (exit status, report or None when the run failed)."""
+def run_flow(kwargs: dict[str, Any], *, debug: bool = False) -> tuple[int, Any]:
+    """Run the flow in this process: (exit status, the report or None).
+
+    0 when the run is Completed; 1 when it is Failed (the report is printed first when there is
+    one: items beyond the tolerance, a failed Job, the caveat policy); 2 when the flow refused
+    its input or configuration before anything was queued or created; 130 when interrupted
+    (Ctrl-C): Prefect's crash hook has deleted the run's Job and pods by then.
+    """
+    from collections.abc import Mapping
+
+    from prefect.client.schemas.objects import State
+
     from queuejob.flows.core.errors import QueueJobError
     from queuejob.flows.monitor import LISTENERS
     from queuejob.flows.work_queue import run_work_queue
 
     LISTENERS.append(_progress_printer())
     try:
-        report = run_work_queue(**kwargs)
-    except QueueJobError as exc:
-        print(f"\nqueuejob: {_one_line(exc)}", file=sys.stderr)
-        return 1, None
-    except Exception as exc:
+        state: State[Any] = run_work_queue(**kwargs, return_state=True)  # type: ignore[assignment]
+    except KeyboardInterrupt:
+        print("\nqueuejob: interrupted; the run's Job and pods were deleted", file=sys.stderr)
+        return 130, None
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, Mapping) and "summary" in result:
+        print_summary(result)
+        if state.is_completed():
+            return 0, result
+        print(f"\nqueuejob: {_one_line(state.message or 'the run failed')}", file=sys.stderr)
+        return 1, result
+    if isinstance(result, QueueJobError):
+        print(f"\nqueuejob: {_one_line(result)}", file=sys.stderr)
+        return (2 if result.refused else 1), None
+    if isinstance(result, BaseException):
         if debug:
-            raise
+            raise result
         print(
-            f"\nqueuejob: the run failed: {type(exc).__name__}: {_one_line(exc)} "
+            f"\nqueuejob: the run failed: {type(result).__name__}: {_one_line(result)} "
             "(run again with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1, None
-    print_summary(report)
-    return 0, report
+    print(f"\nqueuejob: the run ended {state.type.value}: {state.message}", file=sys.stderr)
+    return 1, None
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     return " ".join(str(exc).split())
 
 
@@ -224,6 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker_block=None,
         kube_credentials_block=None,
         policy="warn",
+        max_failed_items=0,
         timeout=600.0,
         keep_job=True,  # until its pods' logs are shown; deleted below
         delete_queues=True,

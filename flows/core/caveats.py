@@ -5,13 +5,20 @@ completions fewer than the items leaves work undone; more leaves pods blocked fo
 crashes after the work but before the ack makes the item run twice. Each rule here is a pure
 function from numbers queuejob observed (confirmed items, queue depth, Job counts, the ledger) to
 `Finding`s that carry a code, a severity, the numbers and advice a user can act on.
+
+Two kinds of finding: the items' outcomes (items failed, dead-lettered, left in the queue or
+unaccounted for, and the Job's failure), which decide the run with ``max_failed_items`` (see
+`queuejob.flows.core.outcome`), and the caveats of the pattern (completions against the items,
+stale messages, pods without work, work done twice), which ``caveat_policy`` governs. `fit`
+makes the findings fit the run at its end: one finding per cause, advice that never asks for a
+setting the run already has.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from queuejob.flows.core.errors import CaveatViolation, StaleMessages
@@ -48,6 +55,19 @@ class Code(enum.StrEnum):
     NO_WORK_PODS = "pods-found-no-work"
     QUEUE_KEPT = "queue-kept"
 
+    @property
+    def kind(self) -> Literal["outcome", "caveat"]:
+        """``outcome``: what became of the items (decides the run, with max_failed_items);
+        ``caveat``: a caveat of the pattern (governed by caveat_policy)."""
+        return "outcome" if self in OUTCOME_CODES else "caveat"
+
+
+# The findings about the items' fates and the Job: `max_failed_items` decides what they do to
+# the run, not `caveat_policy`.
+OUTCOME_CODES = frozenset(
+    {Code.ITEMS_LEFT, Code.ITEMS_FAILED, Code.DEAD_LETTERS, Code.LEDGER_SHORT, Code.JOB_FAILED}
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Finding:
@@ -68,6 +88,7 @@ class Finding:
         """Plain dict for the flow's return value and artifacts."""
         return {
             "code": self.code.value,
+            "kind": self.code.kind,
             "severity": self.severity.value,
             "stage": self.stage,
             "message": self.message,
@@ -191,15 +212,20 @@ def check_drained(
     *, queue: str, ready: int, unacked: int, state: JobState, idle_timeout_s: float
 ) -> Finding | None:
     """The queue is empty with nothing in flight while pods still run: they wait for work that
-    never comes (they end after the idle timeout)."""
+    never comes, and end after the idle timeout (the docs' amqp-consume would block forever).
+
+    Information only: the waiting pods are the completion slots of a cause the report names
+    after the Job (completions above the items, or items dead-lettered or failed, whose slots a
+    non-indexed Job cannot give back); `fit` folds this finding into it.
+    """
     if ready or unacked or state.phase.decided or state.counts.active == 0:
         return None
     return Finding(
         Code.QUEUE_DRAINED_PODS_WAITING,
-        Severity.WARNING,
+        Severity.INFO,
         f"queue {queue!r} is drained and nothing is in flight, but {state.counts.active} pod(s) "
         f"are still running; they exit 'no work' after {idle_timeout_s:g} s idle",
-        "size completions from the items (completions=auto) so no pod waits for work",
+        "nothing to do: the report after the Job names their cause",
         {"active": state.counts.active, "ready": ready, "unacked": unacked},
         stage="during",
     )
@@ -279,17 +305,27 @@ def _unfinished_items(
     """Items left in the queue, dead-lettered, or failed on their last attempt."""
     rerun = f"queuejob rerun {run_id or '<RUN_ID>'}"
     out: list[Finding] = []
-    left = residual_ready + residual_unacked
-    if left:
-        why = "completed" if state.phase is JobPhase.SUCCEEDED else "ended"
+    # An item whose last attempt failed went back to the queue when its pod gave up (a failed
+    # Job): the queue's messages beyond the failed items are the ones never taken.
+    never_taken = max(0, residual_ready + residual_unacked - summary.failed)
+    if never_taken:
+        held = (
+            f"{never_taken} item(s) never processed ({residual_ready} ready, "
+            f"{residual_unacked} unacknowledged)"
+        )
+        if state.phase is JobPhase.SUCCEEDED:
+            message = f"the Job completed but queue {queue!r} still holds {held}"
+        elif state.phase is JobPhase.FAILED:
+            message = f"the Job failed before queue {queue!r} was drained: it still holds {held}"
+        else:
+            message = f"the Job ended but queue {queue!r} still holds {held}"
         out.append(
             Finding(
                 Code.ITEMS_LEFT,
                 Severity.ERROR,
-                f"the Job {why} but queue {queue!r} still holds {left} item(s) "
-                f"({residual_ready} ready, {residual_unacked} unacknowledged)",
-                "they were never processed: run again with completions=auto, or use fine mode",
-                {"ready": residual_ready, "unacked": residual_unacked},
+                message,
+                f"`{rerun} --fate left` runs them as a new run",
+                {"items": never_taken, "ready": residual_ready, "unacked": residual_unacked},
             )
         )
     if dead_letters:
@@ -373,7 +409,8 @@ def _ledger_gaps(
                 Code.NO_WORK_PODS,
                 Severity.INFO,
                 f"{summary.no_work_pods} pod(s) found no work and exited after the idle timeout",
-                "expected in fine mode and after retries; in coarse mode prefer completions=auto",
+                "nothing was lost: a pod that starts after the queue is drained exits after "
+                "the idle timeout",
                 {"no_work_pods": summary.no_work_pods},
             )
         )
@@ -381,8 +418,9 @@ def _ledger_gaps(
 
 
 def failing(findings: Iterable[Finding]) -> list[Finding]:
-    """The findings that fail a run under the `fail` policy (warnings and errors)."""
-    return [f for f in findings if f.severity is not Severity.INFO]
+    """The findings that fail a run under the `fail` policy: caveats that are warnings or
+    errors. The items' outcomes are not among them: `max_failed_items` decides those."""
+    return [f for f in findings if f.severity is not Severity.INFO and f.code.kind == "caveat"]
 
 
 def enforce(findings: Sequence[Finding], policy: Policy) -> None:
@@ -396,18 +434,158 @@ def enforce(findings: Sequence[Finding], policy: Policy) -> None:
         )
 
 
+# --- at the end: one finding per cause ----------------------------------------------------------
+
+
+def fit(
+    findings: Sequence[Finding],
+    *,
+    summary: LedgerSummary,
+    mode: Literal["coarse", "fine"],
+    completions: int | None,
+    confirmed: int,
+) -> list[Finding]:
+    """The run's findings made to fit it, once the Job has ended: one finding per cause.
+
+    - Pods that found no work are named inside their cause: completions above the items
+      (``completions-more-than-items``), or the completion slots of dead-lettered or failed
+      items, which a non-indexed Job cannot give back (``dead-letters``, ``items-failed``).
+      What no cause explains stays as ``pods-found-no-work`` (information). The live
+      ``queue-drained-pods-waiting`` was about those same pods, so it goes once they are counted.
+    - Items left in the queue by completions below the items: ``items-left-in-queue`` names the
+      completions; ``completions-fewer-than-items`` (the same cause, seen before the Job) goes.
+    - A queue kept by the cleanup because it holds those items is said inside the finding about
+      them (``items-left-in-queue``, ``items-failed``, ``dead-letters``).
+
+    ``completions`` is the Job's (None in fine mode), ``confirmed`` the items queued.
+    """
+    by_code: dict[Code, Finding] = {}
+    for f in findings:
+        by_code.setdefault(f.code, f)
+    changed: dict[Code, Finding] = {}
+    dropped: set[Code] = set()
+
+    def current(code: Code) -> Finding | None:
+        return changed.get(code, by_code.get(code))
+
+    def extend(code: Code, text: str, **numbers: int | float | str) -> None:
+        f = current(code)
+        assert f is not None
+        changed[code] = replace(f, message=f"{f.message}; {text}", numbers={**f.numbers, **numbers})
+
+    # Pods that found no work, to their causes.
+    rest = summary.no_work_pods
+    if rest and mode == "coarse":
+        excess = max(0, (completions or confirmed) - confirmed)
+        if Code.COMPLETIONS_EXCESS in by_code and excess:
+            n = min(rest, excess)
+            rest -= n
+            extend(
+                Code.COMPLETIONS_EXCESS,
+                f"{n} pod(s) found no work and exited after the idle timeout",
+                no_work_pods=n,
+            )
+        for code, count, what in (
+            (Code.DEAD_LETTERS, summary.dead_lettered, "dead-lettered"),
+            (Code.ITEMS_FAILED, summary.failed, "failed"),
+        ):
+            if rest and count and code in by_code:
+                n = min(rest, count)
+                rest -= n
+                extend(
+                    code,
+                    f"{n} pod(s) found no work: the completion slot(s) of the {what} item(s), "
+                    "which a non-indexed Job cannot give back",
+                    no_work_pods=n,
+                )
+    if Code.NO_WORK_PODS in by_code:
+        if not rest:
+            dropped.add(Code.NO_WORK_PODS)
+        else:
+            changed[Code.NO_WORK_PODS] = _no_work_pods(rest, mode)
+    if Code.QUEUE_DRAINED_PODS_WAITING in by_code and summary.no_work_pods:
+        dropped.add(Code.QUEUE_DRAINED_PODS_WAITING)
+
+    # Items left by completions below the items: one cause.
+    short = by_code.get(Code.COMPLETIONS_SHORT)
+    if short is not None and Code.ITEMS_LEFT in by_code:
+        extend(
+            Code.ITEMS_LEFT,
+            f"completions={short.numbers.get('completions')} for "
+            f"{short.numbers.get('items')} items left them, as the check before the Job said",
+            completions=short.numbers.get("completions", 0),
+        )
+        left = current(Code.ITEMS_LEFT)
+        assert left is not None
+        changed[Code.ITEMS_LEFT] = replace(
+            left, advice=f"{left.advice}; leave completions=auto to size the Job from the items"
+        )
+        dropped.add(Code.COMPLETIONS_SHORT)
+
+    # Kept queues, inside the finding about what they hold.
+    out: list[Finding] = []
+    for f in findings:
+        if f.code is Code.QUEUE_KEPT:
+            home = _kept_home(f, by_code)
+            if home is not None:
+                extend(
+                    home,
+                    f"queue {f.numbers.get('queue')!r} is kept: it holds "
+                    f"{f.numbers.get('messages')} message(s) (cleanup deletes no queue that "
+                    "holds items)",
+                    queue_kept=f.numbers.get("messages", 0),
+                )
+                continue
+        if f.code in dropped:
+            continue
+        out.append(f)
+    return [changed.get(f.code, f) if by_code.get(f.code) is f else f for f in out]
+
+
+def _kept_home(kept: Finding, by_code: Mapping[Code, Finding]) -> Code | None:
+    """The finding about what a kept queue holds, if the run has one."""
+    name = str(kept.numbers.get("queue", ""))
+    homes = (Code.DEAD_LETTERS,) if name.endswith(".dead") else (Code.ITEMS_LEFT, Code.ITEMS_FAILED)
+    return next((code for code in homes if code in by_code), None)
+
+
+def _no_work_pods(n: int, mode: Literal["coarse", "fine"]) -> Finding:
+    if mode == "fine":
+        return Finding(
+            Code.NO_WORK_PODS,
+            Severity.INFO,
+            f"{n} pod(s) found no work and exited after the idle timeout: in fine mode a pod that "
+            "starts after the queue is drained finds nothing to take",
+            "nothing was lost; lower parallelism if many pods start for nothing",
+            {"no_work_pods": n},
+        )
+    return Finding(
+        Code.NO_WORK_PODS,
+        Severity.INFO,
+        f"{n} pod(s) found no work and exited after the idle timeout: a pod that ended without "
+        "counting as a completion (killed, evicted, or failed after its item was done) left its "
+        "completion to a later pod, which found the queue empty",
+        "nothing was lost; if it recurs, look for killed or evicted pods in the Job's events",
+        {"no_work_pods": n},
+    )
+
+
 # --- cleanup ---------------------------------------------------------------------------------
 
 
-def check_kept_queues(*, queue: str, dead_queue: str, kept: Mapping[str, int]) -> list[Finding]:
+def check_kept_queues(
+    *, queue: str, dead_queue: str, kept: Mapping[str, int], run_id: str | None = None
+) -> list[Finding]:
     """Queues the cleanup kept because they still held messages (``kept``: name -> count).
 
     Deleting them would destroy items this run did not account for as done: the leftovers of too
     few completions, or dead letters. The problem itself is reported by its own finding
-    (items left, dead letters); this one says where the items are and that they were kept.
+    (items left, dead letters), into which `fit` folds this one; alone, it says where the
+    messages are and that they were kept.
     """
+    rerun = f"queuejob rerun {run_id or '<RUN_ID>'}"
     advice = {
-        queue: "its items were never processed: run again on this queue to process them, or "
+        queue: f"its messages were never processed: `{rerun}` runs this run's items again, or "
         "delete the queue by hand once you no longer need them",
         dead_queue: "inspect or requeue the dead letters, then delete the queue by hand",
     }

@@ -11,11 +11,19 @@ Messages name the object and the next step, and never contain a password.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 
 class QueueJobError(Exception):
-    """Base of every error queuejob raises on purpose."""
+    """Base of every error queuejob raises on purpose.
+
+    ``refused`` is set on an error raised before anything was queued or created (bad input or
+    configuration found by the flow's checks): the CLI exits 2 for it, 1 for other failures.
+    """
 
     retryable: bool = False
+    refused: bool = False
 
 
 class RetryableError(QueueJobError):
@@ -116,12 +124,50 @@ class JobTimeout(PermanentError):
     """The Job did not reach a decisive condition before the wall-clock deadline."""
 
 
-class JobFailed(PermanentError):
+# --- the run's outcome -------------------------------------------------------------------------
+
+
+class RunFailed(PermanentError, Mapping[str, Any]):
+    """The run ended Failed after it had reported: its message is the Failed state's.
+
+    It reads as the run's report (``failed["summary"]``, ``dict(failed)``): a flow run that ends
+    Failed this way has it as its result, so a caller reading the state's result gets the report
+    whether the run was Completed or Failed. Raised before the run reported, the report is empty.
+    """
+
+    def __init__(self, message: str, report: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report: dict[str, Any] = dict(report or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self.report[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.report)
+
+    def __len__(self) -> int:
+        return len(self.report)
+
+    def __bool__(self) -> bool:  # an error is never falsy, even with an empty report
+        return True
+
+    # Mapping's __eq__ would compare reports; an error is equal to itself only.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+class ItemsFailed(RunFailed):
+    """Items did not succeed (failed, dead-lettered, left in the queue) beyond the run's
+    ``max_failed_items``."""
+
+
+class JobFailed(RunFailed):
     """The Job failed (BackoffLimitExceeded, DeadlineExceeded, ...)."""
 
 
 # --- caveats -----------------------------------------------------------------------------------
 
 
-class CaveatViolation(PermanentError):
-    """Caveat findings were raised and the caller chose the `fail` policy."""
+class CaveatViolation(RunFailed):
+    """Caveat findings were raised and the caller chose the `fail` policy (before the Job, with
+    no report yet, or after it, with the report)."""

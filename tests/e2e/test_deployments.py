@@ -66,6 +66,9 @@ def test_deploy_all_creates_both_pairs_on_their_pools(deployed: PrefectStack) ->
         # The UI's run form is built from this schema: every flow parameter is on it.
         props = dep["parameter_openapi_schema"]["properties"]
         assert {"items", "queue", "job", "backend", "caveat_policy", "cleanup"} <= set(props)
+        # The tolerance, with its meaning on the form; the deployment's value is the default.
+        assert "before the run fails" in props["max_failed_items"]["description"]
+        assert dep["parameters"]["max_failed_items"] == 0
     for name in ("on-demand", "nightly"):
         assert found[name]["parameters"]["backend"] == "local"
     for name in ("on-demand-k8s", "nightly-k8s"):
@@ -166,6 +169,7 @@ def test_on_demand_run_from_the_ui_completes_with_ledger_and_artifacts(
     assert final["state"]["type"] == "COMPLETED", (
         f"{final['state']['type']}: {final['state']['message']}\n{deployed.diagnostics()}"
     )
+    assert final["state"]["message"].startswith(f"Completed: {len(ITEMS)} of {len(ITEMS)} items")
 
     artifacts = deployed.post(
         "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
@@ -182,7 +186,9 @@ def test_on_demand_run_from_the_ui_completes_with_ledger_and_artifacts(
 
     report = by_type["markdown"]["data"]
     n = len(ITEMS)
-    assert "**Succeeded**" in report
+    n_items = len(ITEMS)
+    headline = f"**Completed: {n_items} of {n_items} items succeeded** · Job Succeeded"
+    assert headline in report
     assert f"| {n} | {n} | 0 | 0 | 0 | 0 |" in report  # items, succeeded, failed, dead, left, twice
     assert "No caveat findings." in report
 

@@ -19,7 +19,7 @@ import pika
 import pytest
 
 from queuejob.flows.adapters import broker as broker_io
-from queuejob.flows.core.errors import CaveatViolation
+from queuejob.flows.core.errors import CaveatViolation, ItemsFailed
 from queuejob.flows.work_queue import cleanup_hook, run_work_queue
 from tests.flows.conftest import DOCS_ITEMS, local_kwargs, pids_with_env_marker
 
@@ -80,17 +80,26 @@ def test_docs_eight_items_all_succeed_once(flow_env: dict[str, str], queue_name:
     assert not list(state_dir.rglob("*.json")) if state_dir.exists() else True
 
 
-def test_completions_fewer_than_items_warns_and_leaves_items(
+def test_completions_fewer_than_items_leaves_items_and_fails_the_run(
     flow_env: dict[str, str], queue_name: str
 ) -> None:
     # Cleanup asks for the queues to go: the work queue still holds the 3 items, so it stays.
-    report = run_work_queue(**local_kwargs(queue_name, completions=5, delete_queues=True))
-    found = {f["code"]: f for f in report["findings"]}
-    assert found["completions-fewer-than-items"]["numbers"]["items_left"] == 3
-    assert found["items-left-in-queue"]["numbers"]["ready"] == 3
+    state = run_work_queue(
+        **local_kwargs(queue_name, completions=5, delete_queues=True), return_state=True
+    )
+    assert state.is_failed()
+    assert state.message.startswith("Failed: 3 of 8 items left in the queue; Job Succeeded")
+    report = state.result(raise_on_failure=False)
+    assert isinstance(report, ItemsFailed)  # the report, as the Failed run's result
+    # One cause, one finding: the completions, the items left and the queue kept for them.
+    (finding,) = report["findings"]
+    assert finding["code"] == "items-left-in-queue"
+    assert finding["numbers"] == {
+        "items": 3, "ready": 3, "unacked": 0, "completions": 5, "queue_kept": 3
+    }  # fmt: skip
+    assert f"queuejob rerun {report['run_id']} --fate left" in finding["advice"]
     assert report["summary"]["succeeded"] == 5
     assert report["summary"]["left"] == 3
-    assert found["queue-kept"]["numbers"] == {"queue": queue_name, "messages": 3}
     assert report["kept_queues"] == {queue_name: 3}
     url = flow_env["QUEUEJOB_BROKER_URL"]
     assert ready_or_none(url, queue_name) == 3
@@ -113,23 +122,28 @@ def test_completions_more_than_items_ends_with_idle_pods(
     started = time.monotonic()
     report = run_work_queue(**local_kwargs(queue_name, completions=10, idle_timeout=4.0))
     assert time.monotonic() - started < 90, "the run must end by idle exit, not the timeout"
-    found = {f["code"]: f for f in report["findings"]}
-    assert found["completions-more-than-items"]["numbers"]["pods_without_work"] == 2
-    # During the run: the queue drained while the two extra pods still waited for work.
-    assert found["queue-drained-pods-waiting"]["stage"] == "during"
+    # The pods that waited while the queue was drained, then found no work, are the extra
+    # completions: one finding says so.
+    (finding,) = report["findings"]
+    assert finding["code"] == "completions-more-than-items"
+    assert finding["numbers"]["pods_without_work"] == finding["numbers"]["no_work_pods"] == 2
+    assert report["outcome"]["state"] == "Completed"  # every item succeeded
     assert report["summary"]["succeeded"] == 8
     assert report["summary"]["no_work_pods"] == 2
     assert report["job_phase"] == "Succeeded"
 
 
-def test_poison_item_is_dead_lettered_while_the_rest_succeed(
+def test_poison_item_is_dead_lettered_while_the_rest_succeed_and_the_run_fails(
     flow_env: dict[str, str], queue_name: str
 ) -> None:
     command = ["sh", "-c", 'item=$(cat); if [ "$item" = fig ]; then echo "bad fig" >&2; exit 4; fi']
-    report = run_work_queue(**local_kwargs(queue_name, command=command, delete_queues=True))
+    with pytest.raises(ItemsFailed, match=r"^Failed: 1 of 8 items dead-lettered; Job Succ") as info:
+        run_work_queue(**local_kwargs(queue_name, command=command, delete_queues=True))
+    report = info.value  # the error reads as the report
     s = report["summary"]
     assert (s["succeeded"], s["dead_lettered"], s["left"]) == (7, 1, 0)
-    assert "dead-letters" in codes(report)
+    assert codes(report) == {"dead-letters"}  # the kept dead-letter queue is said inside it
+    assert "queue-kept" not in codes(report)
     # Cleanup deleted the drained work queue but kept the dead letter's queue.
     assert report["kept_queues"] == {f"{queue_name}.dead": 1}
     url = flow_env["QUEUEJOB_BROKER_URL"]
@@ -254,8 +268,15 @@ def _read_to_end(stream: Any, timeout_s: float) -> tuple[str, bool]:
     return b"".join(chunks).decode(errors="replace"), False
 
 
-def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
-    flow_env: dict[str, str], queue_name: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("sig", "status"),
+    [
+        pytest.param(signal.SIGTERM, 128 + signal.SIGTERM, id="sigterm-143"),
+        pytest.param(signal.SIGINT, 130, id="ctrl-c-130"),
+    ],
+)
+def test_a_stop_mid_wait_deletes_the_job_and_its_pods_then_exits(
+    flow_env: dict[str, str], queue_name: str, tmp_path: Path, sig: int, status: int
 ) -> None:
     env = {**os.environ, **flow_env}
     proc = subprocess.Popen(
@@ -265,7 +286,7 @@ def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
     )  # fmt: skip
     try:
         wait_for(lambda: pids_with_env_marker(queue_name), 150, "pods to start")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -280,7 +301,9 @@ def test_sigterm_mid_wait_deletes_the_job_and_its_pods(
         raise AssertionError(f"{exc}; the run printed:\n{printed[-4000:]}") from None
     assert "deleted 1 Job(s)" in printed, printed[-4000:]
     assert ended, "a process the run started still holds its stdout (a Prefect server?)"
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == status, printed[-4000:]
+    if sig == signal.SIGINT:
+        assert "queuejob: interrupted; the run's Job and pods were deleted" in printed
     state_dir = Path(flow_env["QUEUEJOB_STATE_DIR"])
     leftovers = [p for p in state_dir.rglob("*.json")] if state_dir.exists() else []
     assert not [p for p in leftovers if json.loads(p.read_text()).get("kind") == "Job"]

@@ -111,7 +111,7 @@ def test_rerun_overrides_only_the_options_given() -> None:
     assert _rerun_overrides(_rerun_args(["r1"]), []) == {}
     args = _rerun_args(
         ["r1", "--fate", "failed", "--parallelism", "2", "--stale", "fail", "--keep-job",
-         "--policy", "warn", "--backend", "local"]
+         "--policy", "warn", "--backend", "local", "--max-failed-items", "10%"]
     )  # fmt: skip
     assert args.fate == ["failed"]
     assert _rerun_overrides(args, ["sh", "-c", "cat"]) == {
@@ -119,6 +119,7 @@ def test_rerun_overrides_only_the_options_given() -> None:
         "queue": {"stale_messages": "fail"},
         "cleanup": {"delete_job": False},
         "caveat_policy": "warn",
+        "max_failed_items": "10%",
         "backend": "local",
     }
 
@@ -303,7 +304,56 @@ def test_run_help_gives_every_option_one_line_with_its_default(
     assert "--parallelism N" in text and "(default: 2, or the template's)" in text
     assert "(default: auto)" in text and "(default: 3600)" in text
     examples = text.split("examples:", 1)[1]
-    assert len(re.findall(r"^  queuejob run ", examples, flags=re.MULTILINE)) == 3
+    assert len(re.findall(r"^  queuejob run ", examples, flags=re.MULTILINE)) == 4
+    assert "--max-failed-items N|P%" in text and "--policy is about the pattern's caveats" in text
+
+
+def _statuses(rows: list[tuple[str, str]]) -> dict[int, str]:
+    """Exit statuses and their meanings, a meaning continued on a second row joined to it."""
+    words: dict[int, list[str]] = {}
+    last = 0
+    for code, meaning in rows:
+        last = int(code) if code.strip() else last
+        words.setdefault(last, []).extend(meaning.replace("`", "").split())
+    return {code: " ".join(w) for code, w in words.items()}
+
+
+def test_the_exit_statuses_are_one_table_in_the_help_and_the_readme(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    block = text.split("exit status:\n", 1)[1].split("\n\n", 1)[0]
+    in_help = _statuses(re.findall(r"^  (\d*)\s+(.*)$", block, flags=re.MULTILINE))
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| exit status | meaning |\n| --- | --- |\n", 1)[1].split("\n\n", 1)[0]
+    in_readme = _statuses(re.findall(r"^\| (\d+) \| (.*) \|$", table, flags=re.MULTILINE))
+    assert in_help == in_readme
+    assert sorted(in_help) == [0, 1, 2, 130, 143]
+    assert "within --max-failed-items" in in_help[0]
+    assert "before anything was queued or created" in in_help[2]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("0", 0), ("3", 3), ("5%", "5%"), (" 2.5% ", "2.5%")],
+)
+def test_max_failed_items_is_a_number_or_a_percentage(value: str, expected: object) -> None:
+    from queuejob.flows.cli.args import max_failed_items
+
+    assert max_failed_items(value) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "150%"])
+def test_a_bad_max_failed_items_is_refused_by_the_parser(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "a", "--backend", "local", "--max-failed-items", value, "--", "cat"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --max-failed-items" in err and "or a percentage of the items" in err
 
 
 # --- quiet output -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from queuejob.flows.core.errors import (
     FillInProgress,
     InvalidInput,
     ItemError,
+    ItemsFailed,
     JobConflict,
     JobFailed,
     JobTimeout,
@@ -31,6 +32,7 @@ from queuejob.flows.core.errors import (
     QueueJobError,
     QueueNotFound,
     RetryableError,
+    RunFailed,
     StaleMessages,
 )
 
@@ -58,8 +60,10 @@ MEANING: dict[type[QueueJobError], tuple[type[QueueJobError], bool]] = {
     KubeError: (PermanentError, False),
     JobConflict: (PermanentError, False),
     JobTimeout: (PermanentError, False),
-    JobFailed: (PermanentError, False),
-    CaveatViolation: (PermanentError, False),
+    RunFailed: (PermanentError, False),
+    ItemsFailed: (RunFailed, False),
+    JobFailed: (RunFailed, False),
+    CaveatViolation: (RunFailed, False),
 }
 
 

@@ -70,6 +70,9 @@ def test_every_deployments_parameters_are_accepted_by_the_flow(
         params = run_work_queue.validate_parameters(dep["parameters"])
         assert params["backend"] == ("kubernetes" if name.endswith("-k8s") else "local"), name
         assert params["broker_block"] == "queuejob-broker"
+        # Shown on every deployment; the nightly ones keep the default: any item that did not
+        # succeed fails the night's run.
+        assert dep["parameters"]["max_failed_items"] == 0, name
         if name.endswith("-k8s"):
             assert params["job"].template_block == "queuejob-worker"
 
