@@ -151,25 +151,28 @@ def test_the_readme_path_on_a_kubernetes_work_pool(
     # deployments/k8s/rbac.yaml's account, and a kubeconfig holding its token.
     flow_kubeconfig = apply_role(control_plane, tmp_path, name="queuejob-flow")
 
-    # Steps 3 and 4: the pool, the block types, the blocks.
-    stack.cli(
-        Cmd([PREFECT, "work-pool", "create", POOL, "--type", "kubernetes"]),
-        Cmd([PREFECT, "block", "register", "-m", "queuejob.blocks"]),
-        Cmd([PREFECT, "block", "register", "-m", "prefect_kubernetes"]),
-    )
-    # Step 5: deploy on-demand-k8s. The flow-run pod's environment: the account's kubeconfig
-    # (no mounted token here) and a temporary directory the stack sweeps at its end.
+    # Step 5's file: on-demand-k8s with the image set. The flow-run pod's environment: the
+    # account's kubeconfig (no mounted token here) and a temporary directory the stack sweeps.
     prefect_file = _prefect_file(
         tmp_path, {"KUBECONFIG": str(flow_kubeconfig), "TMPDIR": stack.env["TMPDIR"]}
     )
+    # Steps 3 to 5: the pool, the block types, the blocks, the deployment. Registrations of
+    # block types run one at a time (concurrent writes to the server's SQLite may fail).
+    stack.cli(
+        Cmd([PREFECT, "work-pool", "create", POOL, "--type", "kubernetes"]),
+        Cmd([PREFECT, "block", "register", "-m", "queuejob.blocks"]),
+    )
+    stack.cli(
+        Cmd([PREFECT, "block", "register", "-m", "prefect_kubernetes"]),
+        Cmd([PREFECT, "--no-prompt", "deploy", "--prefect-file", str(prefect_file),
+             "--name", DEPLOYMENT]),
+    )  # fmt: skip
     stack.cli(
         Cmd(
             [sys.executable, "-c", _SAVE_BLOCKS],
             env={"QJ_BROKER_URL": broker_url, "QJ_IMAGE": IMAGE, "QJ_LEDGERS": str(ledgers)},
-        ),
-        Cmd([PREFECT, "--no-prompt", "deploy", "--prefect-file", str(prefect_file),
-             "--name", DEPLOYMENT]),
-    )  # fmt: skip
+        )
+    )
     deployment = stack.get(f"/deployments/name/queuejob/{DEPLOYMENT}")
     assert deployment["job_variables"]["service_account_name"] == "queuejob-flow"
 
@@ -204,6 +207,18 @@ def test_the_readme_path_on_a_kubernetes_work_pool(
         assert final["state"]["type"] == "COMPLETED", (
             f"{final['state']['type']}: {final['state']['message']}\n{detail()}"
         )
+        # The flow-run Job: Prefect's pod template sets `args` only (the stand-in ran them as
+        # the command, as this project's image does) and runs as queuejob-flow.
+        [flow_job] = (
+            admin.get(
+                f"/apis/batch/v1/namespaces/{NS}/jobs?labelSelector={FLOW_RUN_LABEL}%3D{run_id}"
+            )
+            or {}
+        )["items"]
+        pod_spec = flow_job["spec"]["template"]["spec"]
+        assert pod_spec["serviceAccountName"] == "queuejob-flow"
+        [container] = pod_spec["containers"]
+        assert "command" not in container and container["args"][:2] == ["prefect", "flow-run"]
         # Step 7: the artifacts, and the ledger in the storage block.
         artifacts = stack.post(
             "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
