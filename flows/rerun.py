@@ -6,7 +6,9 @@ option available as an override. Both read the earlier run's report (``report.js
 ledger storage), take its parameters, replace the items with that run's ledger (the items of
 the chosen fates, with their ids and bodies) and start the `queuejob` flow: a new run, whose
 report names the earlier one (``rerun_of``). A rerun of a rerun works the same way: its ledger
-holds the bodies too.
+holds the bodies too. The rerun's Job is sized to its own items (completions ``auto``) unless an
+override says otherwise, and the earlier run's own messages of those items still in the work
+queue are taken out before the fill (the stale-message policy is for any other message).
 
 An unknown run id, or a run whose ledger is missing, fails here, before anything is declared on
 the broker or created on the cluster.

@@ -21,6 +21,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
 from queuejob.flows.adapters import broker as broker_io
+from queuejob.flows.adapters.broker.leftovers import LeftoverScan, take_leftovers
 from queuejob.flows.core.backend import JobBackend, JobHandle
 from queuejob.flows.core.errors import ConfigError, InvalidInput, RetryableError
 from queuejob.flows.core.items import Item, ItemSource, iter_items
@@ -254,6 +255,28 @@ def inspect_queue(
 def purge_stale(cfg: broker_io.BrokerConfig, qs: broker_io.QueueSettings) -> int:
     """Purge messages left by another run (the caller chose stale_messages='purge')."""
     return broker_io.purge_work_queue(cfg, qs)
+
+
+@task(name="take-rerun-leftovers", **RETRIES)
+def take_rerun_leftovers(
+    cfg: broker_io.BrokerConfig,
+    qs: broker_io.QueueSettings,
+    source: ItemSource,
+    purge_others: bool,
+) -> LeftoverScan:
+    """A rerun's first step on its work queue: take out the earlier run's own messages for the
+    items this rerun queues again from that run's ledger (``source``, kind ``ledger``); with
+    ``purge_others`` remove every other message too, else leave everything when there is any
+    other (the caller stops the run). Idempotent: a retry finds those messages gone."""
+    from queuejob.flows.core.rerun import RerunLeftovers, fate_statuses
+    from queuejob.flows.storage import open_storage
+
+    assert source.kind == "ledger" and source.run_id is not None
+    rows = open_storage(source.ledger_storage).iter_rows(source.run_id, None)
+    lookup = RerunLeftovers.from_rows(source.run_id, fate_statuses(source.fates), rows)
+    return take_leftovers(
+        cfg, qs, classify=lookup.classify, most=lookup.items, purge_others=purge_others
+    )
 
 
 @task(name="fill-queue", **RETRIES)

@@ -476,17 +476,22 @@ def fill(run: Run, *, stale_policy: Any) -> None:
     marker, depths = tasks.inspect_queue(cfg, qs)
     if marker is None or marker.run_id != run.run_id:
         work = depths["work"]
-        stale = caveats.check_stale(
-            queue=qs.name,
-            ready=work.ready,
-            unacked=work.unacked or 0,
-            consumers=work.consumers,
-            policy=stale_policy,
-        )
-        if stale is not None:
-            purged = tasks.purge_stale(cfg, qs)
-            logger.warning("%s (%d purged)", stale.line(), purged)
-            run.findings.append(stale)
+        if run.items.kind == "ledger" and work.ready and not work.consumers and not work.unacked:
+            # A rerun: the earlier run's own leftovers of these items go, the policy is for
+            # the rest (`take_rerun_leftovers`, `queuejob.flows.core.rerun`).
+            run.findings.extend(_take_rerun_leftovers(run, stale_policy))
+        else:
+            stale = caveats.check_stale(
+                queue=qs.name,
+                ready=work.ready,
+                unacked=work.unacked or 0,
+                consumers=work.consumers,
+                policy=stale_policy,
+            )
+            if stale is not None:
+                purged = tasks.purge_stale(cfg, qs)
+                logger.warning("%s (%d purged)", stale.line(), purged)
+                run.findings.append(stale)
     result = tasks.fill_queue(cfg, qs, run.items, run.run_id)
     run.confirmed = result.confirmed
     logger.info(
@@ -495,6 +500,41 @@ def fill(run: Run, *, stale_policy: Any) -> None:
         run.confirmed,
         " (filled by an earlier attempt)" if result.skipped else "",
     )
+
+
+def _take_rerun_leftovers(run: Run, stale_policy: Any) -> list[caveats.Finding]:
+    """Take the earlier run's messages of this rerun's items out of the work queue (they are
+    queued again from its ledger by the fill); apply the stale policy to any other message."""
+    from queuejob.flows.core.rerun import check_rerun_leftovers
+
+    logger = get_run_logger()
+    earlier = str(run.items.run_id)
+    scan = tasks.take_rerun_leftovers(run.cfg, run.qs, run.items, stale_policy == "purge")
+    if scan.consumers:  # pods came meanwhile: the plain rule says what that means
+        caveats.check_stale(
+            queue=run.qs.name, ready=scan.ready, unacked=0, consumers=scan.consumers,
+            policy=stale_policy,
+        )  # fmt: skip
+    stale = check_rerun_leftovers(
+        queue=run.qs.name,
+        earlier_run=earlier,
+        taken=scan.taken,
+        others=scan.others,
+        exhaustive=scan.exhaustive,
+        policy=stale_policy,
+    )
+    if scan.taken:
+        logger.info(
+            "queue %r: took out %d message(s) run %s left there; their items are queued again "
+            "from its ledger",
+            run.qs.name,
+            scan.taken,
+            earlier,
+        )
+    if stale is None:
+        return []
+    logger.warning(stale.line())
+    return [stale]
 
 
 def plan_job(

@@ -30,6 +30,8 @@ import signal
 import sys
 
 from queuejob.flows.cli.after_run import (
+    DEAD_LETTERS_EPILOG,
+    RERUN_EPILOG,
     add_dead_letter_options,
     add_rerun_options,
     cmd_dead_letters,
@@ -68,6 +70,13 @@ def _version() -> str:
     import queuejob
 
     return str(queuejob.__version__)
+
+
+LEDGER_EPILOG = """\
+examples:
+  queuejob ledger 3f2a9c1e-5b7d-4c1a-9e0f-2d6b8a4c1e77 --fate failed --fate left
+  queuejob ledger 3f2a9c1e-5b7d-4c1a-9e0f-2d6b8a4c1e77 --format jsonl > ledger.jsonl
+"""
 
 
 def _parser() -> Parser:
@@ -120,20 +129,33 @@ def _parser() -> Parser:
         metavar="N",
         help="completions for 'auto': the confirmed items (default: %(default)s)",
     )
-    ledger = sub.add_parser("ledger", help="a finished run's summary and ledger rows")
+    ledger = sub.add_parser(
+        "ledger",
+        help="a finished run's summary and ledger rows",
+        epilog=LEDGER_EPILOG,
+        formatter_class=HelpFormatter,
+    )
     ledger.add_argument("run_id", metavar="RUN_ID", help="the flow run id")
     ledger.add_argument(
         "--fate",
         action="append",
         choices=["succeeded", "failed", "dead_lettered", "left"],
-        help="only rows of this fate (repeat for several)",
+        metavar="FATE",
+        help="only rows of this fate: succeeded, failed, dead_lettered, left; repeat for "
+        "several (default: all)",
     )
     ledger.add_argument(
         "--ledger-storage",
         default=None,
-        help="the LocalFileSystem or RemoteFileSystem block the run kept its ledger in",
+        metavar="BLOCK",
+        help="filesystem block the run kept its ledger in (default: QUEUEJOB_LEDGER_DIR)",
     )
-    ledger.add_argument("--format", choices=["table", "jsonl"], default="table")
+    ledger.add_argument(
+        "--format",
+        choices=["table", "jsonl"],
+        default="table",
+        help="a table, or one JSON object per row (default: %(default)s)",
+    )
     add_results_options(
         sub.add_parser(
             "results",
@@ -148,12 +170,23 @@ def _parser() -> Parser:
             "rerun",
             help="rerun an earlier run's failed, dead-lettered, left items",
             description="Run an earlier run's items of the given fates again as a new run, "
-            "with their ids and bodies from its ledger and its settings from its report. Any "
+            "with their ids and bodies from its ledger\nand its settings from its report. Any "
             "option below, and a command after '--', overrides the earlier setting.",
+            usage="%(prog)s RUN_ID [--fate FATE] [options] [-- CMD...]",
+            epilog=RERUN_EPILOG,
+            formatter_class=HelpFormatter,
         )
     )
     add_dead_letter_options(
-        sub.add_parser("dead-letters", help="list <QUEUE>.dead, or --requeue it back to QUEUE")
+        sub.add_parser(
+            "dead-letters",
+            help="list <QUEUE>.dead, or --requeue it back to QUEUE",
+            description="List the dead letters of a work queue (QUEUE.dead) without consuming "
+            "them, or move them back\ninto QUEUE.",
+            usage="%(prog)s QUEUE [--requeue] [--limit N] [options]",
+            epilog=DEAD_LETTERS_EPILOG,
+            formatter_class=HelpFormatter,
+        )
     )
     return parser
 

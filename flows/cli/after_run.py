@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 from queuejob.flows.cli.args import add_job_options, positive_int
 from queuejob.flows.cli.running import prefect_api_problem, prepare_prefect, print_summary, run_flow
@@ -46,28 +44,64 @@ RERUN_OVERRIDES: dict[str, tuple[str, str | None]] = {
 ITEM_OPTIONS = ("items", "file", "jsonl", "range")
 
 
+RERUN_EPILOG = """\
+examples:
+  # the failed, dead-lettered and left items of a run, with that run's settings
+  queuejob rerun 3f2a9c1e-5b7d-4c1a-9e0f-2d6b8a4c1e77
+
+  # only the items it left in its queue, three pods at a time
+  queuejob rerun 3f2a9c1e-5b7d-4c1a-9e0f-2d6b8a4c1e77 --fate left --parallelism 3
+
+  # the failed items again, with a fixed program
+  queuejob rerun 3f2a9c1e-5b7d-4c1a-9e0f-2d6b8a4c1e77 --fate failed -- python -m mypkg.process
+
+Every option not given keeps the earlier run's setting, except --completions: a rerun sizes
+its Job to its own items (auto) unless told otherwise. The earlier run's own messages still in
+its work queue (items it left, or failed and put back) are taken out before the fill when this
+rerun queues those items again from the ledger; --stale applies to any other message there.
+"""
+
+# What a rerun's --help says for the options whose default is not "the earlier run's".
+_RERUN_DEFAULTS = {
+    "completions": "auto, sized to this rerun's items",
+    "ledger_storage": "QUEUEJOB_LEDGER_DIR",
+    "debug": "off",
+}
+_RERUN_HELP = {
+    "completions": "pods to succeed, or auto",
+    "stale": "other messages already queued: fail the run, or purge",
+    "ledger_storage": "filesystem block holding the run's ledger; the rerun's goes there too",
+}
+_DEFAULT_NOTE = re.compile(r"\s*\(default: .*\)\s*$")
+
+
 def add_rerun_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``queuejob rerun``: the run id, ``--fate`` and every ``run`` option as an
+    override, each saying what it defaults to in a rerun."""
     p.add_argument("run_id", metavar="RUN_ID", help="the earlier queuejob flow run's id")
     p.add_argument(
         "--fate",
         action="append",
         default=None,
-        help="which of its items: failed, dead_lettered, left, succeeded (repeat, or "
-        "comma-separate; default failed,dead_lettered,left)",
+        metavar="FATE",
+        help="failed, dead_lettered, left or succeeded; repeat, or comma-separate "
+        "(default: failed,dead_lettered,left)",
     )
     add_job_options(p)
     for action in p._actions:
         if action.dest in ITEM_OPTIONS:  # the items come from the ledger (refused if given)
             action.help = argparse.SUPPRESS
+            continue
+        if action.dest in ("help", "run_id", "fate") or not action.help:
+            continue
+        # The run's defaults are not a rerun's: it keeps the earlier run's settings. (The run's
+        # "%(default)s" would also be formatted with the None set below, and fail.)
+        text = _RERUN_HELP.get(action.dest, _DEFAULT_NOTE.sub("", action.help))
+        default = _RERUN_DEFAULTS.get(action.dest, "earlier run's")
+        action.help = f"{text} (default: {default})"
     # No defaults: only the options given on the command line (not None, flags not False)
     # override the earlier run's settings.
     p.set_defaults(**{a.dest: None for a in p._actions if a.dest not in ("help", "run_id")})
-    if not any("--ledger-storage" in a.option_strings for a in p._actions):
-        p.add_argument(
-            "--ledger-storage",
-            default=None,
-            help="LocalFileSystem or RemoteFileSystem block holding the run's ledger",
-        )
 
 
 def _rerun_overrides(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
@@ -160,26 +194,52 @@ def _broker_config(broker_block: str | None) -> Any:
     return BrokerConfig(url=url, reconnect_s=reconnect_s)
 
 
+DEAD_LETTERS_EPILOG = """\
+examples:
+  # what job1.dead holds: item, run, attempts, reason, exit code, last error line
+  queuejob dead-letters job1
+
+  # the first 20, with the error tails from ledgers kept in a storage block
+  queuejob dead-letters job1 --limit 20 --ledger-storage queuejob-ledgers
+
+  # move them back into job1, for workers consuming it (safe to run again after a kill)
+  queuejob dead-letters job1 --requeue
+
+Listing consumes nothing. To process dead letters as a run with a report and a ledger, use
+`queuejob rerun RUN_ID --fate dead_lettered` instead of --requeue. The broker URL comes from
+QUEUEJOB_BROKER_URL (or --broker-block), never from the command line.
+"""
+
+
 def add_dead_letter_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("queue", help="the work queue; its dead letters are in <QUEUE>.dead")
+    """The options of ``queuejob dead-letters``."""
+    p.add_argument(
+        "queue", metavar="QUEUE", help="the work queue; its dead letters are in QUEUE.dead"
+    )
     p.add_argument(
         "--requeue",
         action="store_true",
-        help="move the dead letters back to QUEUE (confirmed, then acked; safe to run again)",
+        help="move them back to QUEUE, confirmed, then acked (default: list only)",
     )
     p.add_argument(
         "--limit",
         type=positive_int,
         default=None,
-        help=f"at most N dead letters, oldest first (default: all; a listing shows at most "
-        f"{DEAD_LETTER_LIST_CAP})",
+        metavar="N",
+        help="at most N, oldest first "
+        f"(default: all; a listing shows at most {DEAD_LETTER_LIST_CAP})",
     )
-    p.add_argument("--broker-block", default=None, help="RabbitMQBroker block name")
+    p.add_argument(
+        "--broker-block",
+        default=None,
+        metavar="NAME",
+        help="RabbitMQBroker block (default: the URL in QUEUEJOB_BROKER_URL)",
+    )
     p.add_argument(
         "--ledger-storage",
         default=None,
-        help="LocalFileSystem or RemoteFileSystem block holding the runs' ledgers (for the "
-        "exit codes and error tails)",
+        metavar="BLOCK",
+        help="block with the runs' ledgers, for exit codes (default: QUEUEJOB_LEDGER_DIR)",
     )
 
 

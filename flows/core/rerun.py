@@ -11,10 +11,13 @@ Pure: the caller reads the report and the ledger.
 
 from __future__ import annotations
 
+import zlib
+from array import array
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
-from queuejob.flows.core.errors import InvalidInput
+from queuejob.flows.core.caveats import Code, Finding, Severity
+from queuejob.flows.core.errors import InvalidInput, StaleMessages
 
 # What users type, and what ledger rows say.
 FATE_NAMES = ("succeeded", "failed", "dead_lettered", "left")
@@ -88,11 +91,11 @@ def rerun_params(
     items replaced by that run's ledger, then ``overrides`` applied.
 
     An override of ``queue``, ``job`` or ``cleanup`` is a mapping of fields replacing the
-    earlier ones one by one; any other override replaces the value. Messages already in the
-    work queue are purged (``queue.stale_messages = purge``) when the fates include both
-    ``failed`` and ``left``, unless an override says otherwise: what the earlier run left there
-    (items never taken, or failed and put back) is rerun from the ledger and would otherwise be
-    processed twice. With fewer fates nothing is purged, as those messages are not rerun.
+    earlier ones one by one; any other override replaces the value. ``job.completions`` is
+    ``auto`` (sized to the rerun's own items) unless an override gives it: the earlier run's
+    fixed number was for its items, not these. The stale-message policy stays the earlier
+    run's: it applies only to messages that are not the earlier run's own leftovers of the
+    items rerun, which the rerun takes out of the queue before its fill (`RerunLeftovers`).
 
     Raises `InvalidInput` when ``params`` is missing (a report written before reruns existed)
     or an override names no flow parameter.
@@ -114,14 +117,10 @@ def rerun_params(
         items["max_item_bytes"] = earlier_items["max_item_bytes"]
     out["items"] = items
     out["ledger_storage"] = ledger_storage
-    if {"failed", "left"} <= set(fates):
-        # Everything the earlier run can have left in its work queue (items never taken, items
-        # failed and put back) is in this rerun's items: purge it rather than run it twice.
-        # With fewer fates those messages are not rerun, so they must not be purged: the
-        # earlier run's stale-message policy stands.
-        queue = dict(out.get("queue") or {})
-        queue["stale_messages"] = "purge"
-        out["queue"] = queue
+    if isinstance(out.get("job"), Mapping):
+        # A fixed count fitted the earlier run's items: 3 left items rerun with its 5 would
+        # leave 2 pods without work. An override below may still fix it.
+        out["job"] = {**out["job"], "completions": "auto"}
     for key, value in (overrides or {}).items():
         if key not in FLOW_PARAMS or key == "items":
             raise InvalidInput(
@@ -151,3 +150,158 @@ def _copy(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_copy(v) for v in value]
     return value
+
+
+# --- the earlier run's leftovers in the work queue ----------------------------------------------
+
+# Why a message in the work queue is not one the rerun takes out (keys of the scan's counts).
+OTHER_RUN = "other-run"  # another run's message (or one without a run id)
+NOT_IN_LEDGER = "not-in-ledger"  # the earlier run's id, but no such item in its ledger
+MORE_THAN_RERUN = "more-than-rerun"  # more messages than the rerun has items: not all read
+
+_STATUS_CODES = {"succeeded": 1, "failed": 2, "dead_lettered": 3, "left_in_queue": 4}
+_STATUS_NAMES = {v: k for k, v in _STATUS_CODES.items()}
+_STATUS_FATE = {"left_in_queue": "left"}
+
+
+class RerunLeftovers:
+    """Which messages in the work queue are the earlier run's own, for items the rerun queues
+    again from that run's ledger: those the rerun takes out of the queue before its fill, so
+    that no item runs twice. Everything else there is stale to the rerun.
+
+    A message names its run and its index in that run's fill in headers, and its item in
+    ``message_id``; the earlier run's ledger row of that index gives the item's id and fate.
+    Built from the ledger's rows, streamed: per index one byte (the fate) and a 32-bit checksum
+    of the item id, so a rerun of millions of items holds a few MB, not the ids themselves.
+    """
+
+    def __init__(self, run_id: str, statuses: Iterable[str]) -> None:
+        self.run_id = run_id
+        self._wanted = frozenset(_STATUS_CODES[s] for s in statuses)
+        self._status = bytearray()
+        self._crc = array("I")
+        self.items = 0  # rows of the rerun's fates: the items the rerun queues again
+
+    @classmethod
+    def from_rows(
+        cls, run_id: str, statuses: Iterable[str], rows: Iterable[Mapping[str, Any]]
+    ) -> RerunLeftovers:
+        """The lookup over every row of the earlier run's ledger (all fates)."""
+        out = cls(run_id, statuses)
+        for row in rows:
+            out.add(row)
+        return out
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Take one ledger row (``index``, ``item_id``, ``status``); others are ignored."""
+        index, item_id = row.get("index"), row.get("item_id")
+        code = _STATUS_CODES.get(str(row.get("status")))
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            return
+        if not isinstance(item_id, str) or code is None:
+            return
+        if index >= len(self._status):
+            grow = index + 1 - len(self._status)
+            self._status.extend(bytes(grow))
+            self._crc.extend([0] * grow)
+        if code in self._wanted and self._status[index] not in self._wanted:
+            self.items += 1
+        self._status[index] = code
+        self._crc[index] = _checksum(item_id)
+
+    def classify(self, run_id: str | None, item_id: str | None, index: int | None) -> str | None:
+        """None when the message is the earlier run's, for an item the rerun queues again (take
+        it out); otherwise why not: `OTHER_RUN`, `NOT_IN_LEDGER`, or the item's fate in the
+        earlier run (``succeeded``, ``failed``, ``dead_lettered``, ``left``) when the rerun does
+        not take that fate."""
+        if run_id != self.run_id:
+            return OTHER_RUN
+        if (
+            item_id is None
+            or index is None
+            or not 0 <= index < len(self._status)
+            or self._status[index] == 0
+            or self._crc[index] != _checksum(item_id)
+        ):
+            return NOT_IN_LEDGER
+        code = self._status[index]
+        if code in self._wanted:
+            return None
+        status = _STATUS_NAMES[code]
+        return _STATUS_FATE.get(status, status)
+
+
+def _checksum(item_id: str) -> int:
+    return zlib.crc32(item_id.encode("utf-8", "surrogatepass"))
+
+
+def check_rerun_leftovers(
+    *,
+    queue: str,
+    earlier_run: str,
+    taken: int,
+    others: Mapping[str, int],
+    exhaustive: bool,
+    policy: Literal["fail", "purge"],
+) -> Finding | None:
+    """The stale-message rule for a rerun: ``others`` are the messages in the work queue that
+    are not the earlier run's leftovers of the rerun's items (those, ``taken``, were taken out:
+    the rerun queues their items again). None when there are none; with policy ``fail`` raises
+    `StaleMessages` naming them and what to do; with ``purge`` the finding that they were
+    purged (the caller purged them). ``exhaustive`` is False when the count is a lower bound
+    (the scan stopped at the first such message, or did not read the queue)."""
+    count = sum(others.values())
+    if count == 0:
+        return None
+    what = _describe(others, earlier_run, count, exhaustive)
+    fates = sorted(f for f in others if f in FATE_STATUS)
+    numbers: dict[str, int | float | str] = {"stale": count, "taken": taken, **others}
+    if policy == "fail":
+        options = []
+        if fates:
+            options.append(f"rerun those fates too (--fate {','.join(fates)})")
+        options.append("purge them (stale_messages='purge', --stale purge)")
+        options.append("use another queue name")
+        raise StaleMessages(
+            f"queue {queue!r} holds {what}: pods would process them as this rerun's items. "
+            + (
+                f"Taken out first: {taken} of run {earlier_run}'s own, rerun here. "
+                if taken
+                else ""
+            )
+            + "Either "
+            + ", or ".join(options)
+        )
+    return Finding(
+        Code.STALE_PURGED,
+        Severity.WARNING,
+        f"queue {queue!r} held {what}; they were purged"
+        + (
+            f" ({taken} of run {earlier_run}'s own were taken out and queued again)"
+            if taken
+            else ""
+        ),
+        "the purged items of run "
+        + earlier_run
+        + " are still in its ledger (queuejob ledger); find out which run left the others",
+        numbers,
+        stage="before",
+    )
+
+
+def _describe(others: Mapping[str, int], earlier_run: str, count: int, exhaustive: bool) -> str:
+    if MORE_THAN_RERUN in others:
+        return (
+            f"at least {count} message(s) more than the items this rerun queues again from run "
+            f"{earlier_run}'s ledger (another run's, or items of fates not rerun)"
+        )
+    parts = []
+    for key, n in sorted(others.items()):
+        if key == OTHER_RUN:
+            parts.append(f"{n} of other runs")
+        elif key == NOT_IN_LEDGER:
+            parts.append(f"{n} marked as run {earlier_run}'s but not in its ledger")
+        else:
+            parts.append(f"{n} of run {earlier_run}'s {key} items, not rerun")
+    lead = "" if exhaustive else "at least "
+    return f"{lead}{count} message(s) that are not this rerun's: " + "; ".join(parts)

@@ -92,7 +92,8 @@ def test_rerun_of_the_poison_and_failing_items_after_the_fix_succeeds_with_just_
 
     flag.write_text("fixed\n")  # the cause, fixed
     # The deployment's flow: the earlier settings (queue, delivery limit, command, mode, ...),
-    # a few overrides; the earlier run's leftover "flaky" in the work queue is purged first.
+    # a few overrides; the earlier run's leftover "flaky" (failed and put back) is taken out of
+    # the work queue first, as the rerun queues it again from the ledger.
     rerun = rerun_failures(run_id=first, parallelism=2)
     second = rerun["run_id"]
     assert rerun["rerun_of"] == first
@@ -130,6 +131,41 @@ def test_rerun_of_the_poison_and_failing_items_after_the_fix_succeeds_with_just_
         "poison": "succeeded",
         "flaky": "succeeded",
     }
+
+
+def test_rerun_of_the_items_left_in_the_queue_runs_just_those_sized_to_them(
+    flow_env: dict[str, str],
+    queue_name: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """completions 5 of 8 items leaves 3 in the queue, which --delete-queues keeps; `queuejob
+    rerun RUN --fate left` takes those three messages out, queues the items again from the
+    ledger and sizes its Job to them."""
+    ledger_dir = Path(flow_env["QUEUEJOB_LEDGER_DIR"])
+    first = run_work_queue(**local_kwargs(queue_name, completions=5, delete_queues=True))
+    assert first["summary"]["left"] == 3 and first["kept_queues"] == {queue_name: 3}
+    left_ids = {
+        r["item_id"] for r in _rows(ledger_dir, first["run_id"]).values()
+        if r["status"] == "left_in_queue"
+    }  # fmt: skip
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # `queuejob rerun` installs its own
+    try:
+        assert main(["rerun", first["run_id"], "--fate", "left"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    capsys.readouterr()
+    [second] = {p.name for p in ledger_dir.iterdir()} - {first["run_id"]}
+    report = _report(ledger_dir, second)
+    assert report["rerun_of"] == first["run_id"]
+    assert report["completions"] == 3 and report["confirmed"] == 3
+    s = report["summary"]
+    assert (s["expected"], s["succeeded"], s["left"], s["processed_more_than_once"]) == (3, 3, 0, 0)
+    assert {r["item_id"] for r in _rows(ledger_dir, second).values()} == left_ids
+    # No stale messages, no mismatch between completions and items.
+    assert not report["findings"], report["findings"]
+    # The earlier run's three messages were taken, not processed by the rerun's pods.
+    assert all(r["attempts"] == 1 for r in _rows(ledger_dir, second).values())
 
 
 def test_rerun_of_an_unknown_run_or_a_missing_ledger_stops_before_anything_is_declared(

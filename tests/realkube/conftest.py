@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import prefect_server
 from tests.realkube import cluster
 from tests.realkube.kubelet import Kubelet
+
+# A real `prefect server` (tests/e2e's), for the README's kubernetes work pool path.
+__all__ = ["prefect_server"]
 
 HERE = Path(__file__).resolve().parent
 _REASON = pytest.StashKey[str]()

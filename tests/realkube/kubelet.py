@@ -5,7 +5,8 @@ and no container runtime. This stand-in does the node's part, and only that:
 
 - registers a Ready ``Node`` whose kubelet endpoint is this process, and renews its ``Lease``;
 - binds every unscheduled pod to that node (the scheduler's one job here);
-- runs each container's ``command`` + ``args`` as a local process, with the container's ``env``
+- runs each container's ``command`` + ``args`` as a local process (``args`` alone when there is
+  no ``command``: what an image without an ENTRYPOINT does, as this project's is), with its ``env``
   (literal values, ``secretKeyRef``, ``configMapKeyRef``, ``fieldRef``, ``envFrom`` and
   ``$(VAR)`` references), in its own process group, stdout and stderr into one log file;
 - reports ``Running``, then ``Succeeded`` or ``Failed`` with each container's exit code and the
@@ -16,8 +17,10 @@ and no container runtime. This stand-in does the node's part, and only that:
   required, ``tailLines`` and ``limitBytes`` honoured) so ``pods/log`` works through the
   apiserver.
 
-The image is not pulled or used: a container without a ``command`` cannot run here and ends as
-``Failed`` with reason ``ContainerCannotRun``. Only the standard library is used.
+The image is not pulled or used: the "image" is this machine with the PATH given (the checkout's
+install). A container with neither ``command`` nor ``args`` (the image's own CMD) cannot run
+here and ends as ``Failed`` with reason ``CreateContainerConfigError``. Only the standard
+library is used.
 
 Run it on its own (``python -m tests.realkube.kubelet --help``) or in-process through `Kubelet`.
 """
@@ -690,12 +693,14 @@ class Kubelet:
             rc = RunningContainer(name=name, log_path=poddir / f"{name}.log")
             run.containers[name] = rc
             rc.log_path.touch()
+            # An image without an ENTRYPOINT (this project's Dockerfile): `args` alone run as the
+            # command, as Prefect's flow-run Job sets them.
             argv = [*(container.get("command") or []), *(container.get("args") or [])]
             try:
-                if not container.get("command"):
+                if not argv:
                     raise ContainerConfigError(
-                        "the kubelet stand-in runs only containers that set 'command' "
-                        "(images are not pulled)"
+                        "the kubelet stand-in runs only containers that set 'command' or "
+                        "'args' (images are not pulled, so an image's own CMD cannot run)"
                     )
                 cenv = self._resolve_env(pod, container)
                 argv = [expand(a, cenv) for a in argv]

@@ -6,6 +6,7 @@ no temporary server, one line on stderr, exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -354,6 +355,66 @@ def test_a_bad_max_failed_items_is_refused_by_the_parser(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "argument --max-failed-items" in err and "or a percentage of the items" in err
+
+
+def _subcommands() -> list[str]:
+    """Every subcommand of the `queuejob` parser, as it is built (so a new one is walked too)."""
+    from queuejob.flows.cli import _parser
+
+    actions = _parser()._actions
+    sub = next(a for a in actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_the_walk_finds_every_subcommand() -> None:
+    assert set(_subcommands()) >= {
+        "run", "demo", "render", "ledger", "worker", "rerun", "dead-letters"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["", *_subcommands()])
+def test_every_help_exits_0(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse exits; `queuejob worker --help` (the pod program's own parser) returns 0.
+    try:
+        code = main([command, "--help"] if command else ["--help"])
+    except SystemExit as exc:
+        code = exc.code  # type: ignore[assignment]
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: ") and not captured.err
+
+
+@pytest.mark.parametrize("command", ["rerun", "dead-letters", "ledger"])
+def test_after_run_helps_give_defaults_and_examples(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    body, examples = text.split("examples:", 1)
+    assert len(re.findall(rf"^  queuejob {command} ", examples, flags=re.MULTILINE)) >= 2
+    # Each option's entry (its line and any continuation) names its default.
+    entries = re.split(r"\n(?=  -)", body.split("options:", 1)[1])
+    for entry in entries:
+        if not entry.strip() or "-h, --help" in entry:
+            continue
+        assert "(default: " in " ".join(entry.split()), entry
+    assert "%(" not in text
+    assert sum(1 for e in entries if e.strip()) >= 4
+
+
+def test_rerun_help_says_completions_are_sized_to_the_rerun(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["rerun", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--completions N|auto pods to succeed, or auto (default: auto, sized to this rerun's items)"
+        in text
+    )
+    assert "--parallelism N pods running at once (default: earlier run's)" in text
+    assert "--file" not in text  # the items come from the ledger
 
 
 # --- quiet output -------------------------------------------------------------------------

@@ -10,9 +10,19 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from queuejob.flows.core.errors import InvalidInput, ItemError
+from queuejob.flows.core.errors import InvalidInput, ItemError, StaleMessages
 from queuejob.flows.core.items import ItemSource, iter_items
-from queuejob.flows.core.rerun import DEFAULT_FATES, fate_statuses, parse_fates, rerun_params
+from queuejob.flows.core.rerun import (
+    DEFAULT_FATES,
+    MORE_THAN_RERUN,
+    NOT_IN_LEDGER,
+    OTHER_RUN,
+    RerunLeftovers,
+    check_rerun_leftovers,
+    fate_statuses,
+    parse_fates,
+    rerun_params,
+)
 
 EARLIER: dict[str, Any] = {
     "items": {"kind": "text", "path": "/data/items.txt", "max_item_bytes": 4096},
@@ -120,15 +130,34 @@ def test_rerun_takes_the_earlier_settings_and_its_ledger_as_items() -> None:
         "max_item_bytes": 4096,
     }
     assert params["ledger_storage"] == "lstore"
-    for key in ("job", "mode", "backend", "broker_block", "caveat_policy", "timeout_seconds"):
+    for key in ("mode", "backend", "broker_block", "caveat_policy", "timeout_seconds"):
         assert params[key] == EARLIER[key], key
-    # Only the failed items are rerun: what the earlier run left in its queue is not, so it is
-    # not purged either (the earlier policy stands).
-    assert params["queue"] == EARLIER["queue"]
-    # With failed and left both rerun from the ledger, the leftovers are purged, not run twice.
-    every = rerun_params(EARLIER, run_id="r1", fates=DEFAULT_FATES, ledger_storage="lstore")
-    assert every["queue"] == {**EARLIER["queue"], "stale_messages": "purge"}
-    assert EARLIER["queue"]["stale_messages"] == "fail"  # the input is not changed
+    # The Job is sized to the rerun's own items, whatever the earlier run fixed.
+    assert params["job"] == {**EARLIER["job"], "completions": "auto"}
+    # The stale-message policy stays the earlier run's, whatever the fates: the earlier run's
+    # own leftovers of the rerun's items are taken out before the fill, not purged by policy.
+    for fates in (("failed",), ("left",), DEFAULT_FATES):
+        again = rerun_params(EARLIER, run_id="r1", fates=fates, ledger_storage="lstore")
+        assert again["queue"] == EARLIER["queue"], fates
+    assert "completions" not in EARLIER["job"]  # the input is not changed
+
+
+def test_a_rerun_sizes_completions_to_its_items_unless_told() -> None:
+    earlier = {**EARLIER, "mode": "coarse", "job": {**EARLIER["job"], "completions": 5}}
+    assert (
+        rerun_params(earlier, run_id="r1", fates=("left",), ledger_storage=None)["job"][
+            "completions"
+        ]
+        == "auto"
+    )
+    told = rerun_params(
+        earlier,
+        run_id="r1",
+        fates=("left",),
+        ledger_storage=None,
+        overrides={"job": {"completions": 2}},
+    )
+    assert told["job"]["completions"] == 2
 
 
 def test_rerun_options_override_field_by_field() -> None:
@@ -148,6 +177,7 @@ def test_rerun_options_override_field_by_field() -> None:
         "call": "mypkg:process",
         "parallelism": 1,
         "image": "r/q:1",
+        "completions": "auto",
     }
     assert params["queue"]["stale_messages"] == "fail"
     assert params["queue"]["name"] == "job7"
@@ -176,3 +206,95 @@ def test_rerun_settings_errors(params: Any, overrides: Any, message: str) -> Non
         rerun_params(
             params, run_id="r1", fates=DEFAULT_FATES, ledger_storage=None, overrides=overrides
         )
+
+
+# --- the earlier run's leftovers in the work queue -------------------------------------------
+
+LEDGER_ROWS = [
+    {"index": 0, "item_id": "a", "status": "succeeded", "body": "a"},
+    {"index": 1, "item_id": "b", "status": "failed", "body": "b"},
+    {"index": 2, "item_id": "c", "status": "dead_lettered", "body": "c"},
+    {"index": 3, "item_id": "d", "status": "left_in_queue", "body": "d"},
+    {"index": 4, "item_id": "e", "status": "left_in_queue", "body": "e"},
+]
+
+
+def test_leftovers_of_the_rerun_fates_are_taken_and_nothing_else() -> None:
+    lookup = RerunLeftovers.from_rows("r1", fate_statuses(("left",)), LEDGER_ROWS)
+    assert lookup.items == 2
+    assert lookup.classify("r1", "d", 3) is None
+    assert lookup.classify("r1", "e", 4) is None
+    # The earlier run's messages of fates not rerun: named by their fate.
+    assert lookup.classify("r1", "b", 1) == "failed"
+    assert lookup.classify("r1", "a", 0) == "succeeded"
+    # Another run's message, even for an item of the same id and index.
+    assert lookup.classify("r2", "d", 3) == OTHER_RUN
+    assert lookup.classify(None, "d", 3) == OTHER_RUN
+    # The earlier run's id, but not its item at that index (or no index, or none such).
+    for item_id, index in (("x", 3), ("d", 4), ("d", None), ("d", 99), (None, 3)):
+        assert lookup.classify("r1", item_id, index) == NOT_IN_LEDGER, (item_id, index)
+    every = RerunLeftovers.from_rows("r1", fate_statuses(DEFAULT_FATES), LEDGER_ROWS)
+    assert every.items == 4
+    assert every.classify("r1", "b", 1) is None and every.classify("r1", "c", 2) is None
+
+
+def test_the_leftovers_lookup_holds_a_few_bytes_per_item() -> None:
+    def rows() -> Iterator[dict[str, Any]]:
+        for i in range(200_000):
+            yield {"index": i, "item_id": f"item-{i:08d}", "status": "left_in_queue", "body": "x"}
+
+    tracemalloc.start()
+    lookup = RerunLeftovers.from_rows("r1", {"left_in_queue"}, rows())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert lookup.items == 200_000 and lookup.classify("r1", "item-00199999", 199_999) is None
+    assert peak < 2_500_000  # the ids themselves would be well over 10 MB
+
+
+def test_no_stale_messages_no_finding() -> None:
+    assert (
+        check_rerun_leftovers(
+            queue="q", earlier_run="r1", taken=3, others={}, exhaustive=True, policy="fail"
+        )
+        is None
+    )
+
+
+def test_other_messages_stop_a_rerun_under_fail_naming_them_and_the_ways_out() -> None:
+    with pytest.raises(StaleMessages) as exc:
+        check_rerun_leftovers(
+            queue="job1",
+            earlier_run="r1",
+            taken=0,
+            others={"failed": 1},
+            exhaustive=False,
+            policy="fail",
+        )
+    text = str(exc.value)
+    assert "queue 'job1' holds at least 1 message(s) that are not this rerun's" in text
+    assert "1 of run r1's failed items, not rerun" in text
+    assert "--fate failed" in text and "--stale purge" in text
+    with pytest.raises(StaleMessages, match="more than the items this rerun queues again"):
+        check_rerun_leftovers(
+            queue="job1",
+            earlier_run="r1",
+            taken=0,
+            others={MORE_THAN_RERUN: 4},
+            exhaustive=False,
+            policy="fail",
+        )
+
+
+def test_other_messages_purged_under_purge_are_a_finding() -> None:
+    finding = check_rerun_leftovers(
+        queue="job1",
+        earlier_run="r1",
+        taken=3,
+        others={OTHER_RUN: 2},
+        exhaustive=True,
+        policy="purge",
+    )
+    assert finding is not None and finding.code.value == "stale-purged"
+    assert "held 2 message(s) that are not this rerun's: 2 of other runs" in finding.message
+    assert "3 of run r1's own were taken out and queued again" in finding.message
+    assert finding.numbers == {"stale": 2, "taken": 3, OTHER_RUN: 2}

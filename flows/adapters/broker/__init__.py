@@ -10,6 +10,8 @@ Modules:
 * `fill`: `fill_queue`, its lock and its marker, and the publisher with pipelined confirms.
 * `results`: `ResultsConsumer`, the flow's reader of outcome records.
 * `dead_letters`: listing ``<queue>.dead`` and requeueing its messages.
+* `leftovers`: `take_leftovers`, an earlier run's messages taken out of its work queue before a
+  rerun queues their items again (imported from there: the worker does not need it).
 
 Everything here is I/O; pika's exceptions are translated into `queuejob.flows.core.errors`:
 
