@@ -38,6 +38,7 @@ OPTION_NAMES = {
     "job.backoff_limit": "--backoff-limit",
     "job.active_deadline_seconds": "--deadline",
     "job.idle_timeout_seconds": "--idle-timeout",
+    "job.item_timeout_seconds": "--item-timeout",
 }
 
 RUN_EPILOG = """\
@@ -198,6 +199,13 @@ def _add_job_group(p: argparse.ArgumentParser) -> None:
         help="a worker idle this long exits 'no work' (default: 10)",
     )
     job.add_argument(
+        "--item-timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="S",
+        help="an item running longer fails and is retried (default: no limit)",
+    )
+    job.add_argument(
         "--image",
         default=None,
         metavar="REF",
@@ -337,6 +345,7 @@ def flow_kwargs(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
             backoff_limit=args.backoff_limit,
             active_deadline_seconds=args.deadline,
             idle_timeout_seconds=args.idle_timeout,
+            item_timeout_seconds=getattr(args, "item_timeout", None),
         )
     except ValidationError as exc:
         raise InvalidInput(f"invalid job settings: {_plain(exc, 'job')}") from None

@@ -4,7 +4,8 @@ Takes work items from a RabbitMQ queue and runs a command on each, with the item
 (the ``amqp-consume`` contract), or calls a Python function with the body::
 
     python -m queuejob.flows.worker [--mode coarse|fine] [--idle-timeout S] [--delivery-limit N]
-                           [--prefetch N] [--call module:function] [-- CMD ARGS...]
+                           [--prefetch N] [--item-timeout S] [--call module:function]
+                           [-- CMD ARGS...]
 
 Environment: ``BROKER_URL`` (amqp://user:password@host:port/vhost) and ``QUEUE`` (the work queue)
 are required, as in the Kubernetes docs' work-queue Job. ``QUEUEJOB_RUN_ID`` tags the outcome
@@ -40,6 +41,14 @@ Per item:
   old copy) and rejects the message without requeue, into ``<queue>.dead``, once it failed
   N + 1 times. That count only sees failures a worker reports: a pod killed mid-item is
   bounded by quorum queues alone, which is why they are the default.
+* ``--item-timeout S``: a command still running after S seconds is stopped (SIGTERM to its
+  process group, SIGKILL after ``--grace`` seconds) and its item is a failure like any other,
+  recorded ``failed`` with exit code 124 and "timed out after S s", rejected for redelivery (so
+  the delivery limit bounds a hanging item as it bounds a failing one). A ``--call`` function
+  cannot be stopped: past the timeout the worker records its item ``failed`` ("timed out"),
+  rejects it for redelivery once the record is confirmed, records every message held but not
+  started ``interrupted``, and exits 1 without waiting for the function, so the pod ends and
+  the Job replaces it.
 * the queue stays empty for the idle timeout: publish a ``no_work`` record (only if this
   worker processed nothing) and exit 0. A pod never blocks forever.
 * SIGTERM (or SIGINT): stop taking messages, stop the command (SIGTERM to its process group,
@@ -56,9 +65,11 @@ duration and the last lines of stderr.
 Exit codes:
 
 * 0: the item (coarse) or every item taken (fine) succeeded, or there was no work;
-* 1: an item failed; it was rejected for redelivery, or dead-lettered at its limit;
+* 1: an item failed (or timed out); it was rejected for redelivery, or dead-lettered at its
+  limit;
 * 2: usage or configuration error: bad arguments, ``BROKER_URL``/``QUEUE`` missing or
-  invalid, credentials or vhost refused, the queue does not exist, ``--call`` not importable;
+  invalid, credentials or vhost refused, the queue does not exist, ``--call`` not importable.
+  Retrying cannot fix it: queuejob's Job fails at once on it (its podFailurePolicy);
 * 3: the broker could not be reached within ``--connect-timeout``, the connection was lost
   mid-item, or the broker refused an outcome record (the unacked items are redelivered);
 * 130 / 143: stopped by SIGINT / SIGTERM; the items held were left unacked.
@@ -78,6 +89,7 @@ from typing import Any
 
 EXIT_OK = 0
 EXIT_ITEM_FAILED = 1
+EXIT_TIMED_OUT = 124  # a timed-out item's exit code in its record, as timeout(1) exits
 EXIT_USAGE = 2
 EXIT_BROKER = 3
 EXIT_SIGINT = 130
@@ -103,6 +115,7 @@ class Options:
     connect_timeout_s: float
     grace_s: float
     prefetch: int
+    item_timeout_s: float | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine mode: messages a worker holds at a time, the window its acks and outcome "
         f"records are pipelined in (default: {DEFAULT_PREFETCH_CALL} with --call, "
         f"{DEFAULT_PREFETCH_COMMAND} with a command; coarse mode always takes 1)",
+    )
+    parser.add_argument(
+        "--item-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="an item still running after this long fails: a command is stopped, a --call "
+        "ends the worker (default: no limit)",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -187,6 +208,8 @@ def parse_args(argv: list[str]) -> Options:
             raise Usage(f"QUEUEJOB_DELIVERY_LIMIT must be an integer (got {raw!r})") from None
     if limit is not None and limit < 0:
         raise Usage(f"--delivery-limit must be 0 or more (got {limit})")
+    if ns.item_timeout is not None and not 0 < ns.item_timeout < float("inf"):
+        raise Usage(f"--item-timeout must be a positive number of seconds (got {ns.item_timeout})")
     prefetch = ns.prefetch
     if prefetch is None:
         prefetch = DEFAULT_PREFETCH_CALL if ns.call else DEFAULT_PREFETCH_COMMAND
@@ -201,6 +224,7 @@ def parse_args(argv: list[str]) -> Options:
         connect_timeout_s=max(0.0, ns.connect_timeout),
         grace_s=max(0.0, ns.grace),
         prefetch=prefetch,
+        item_timeout_s=ns.item_timeout,
     )
 
 
