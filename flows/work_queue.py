@@ -58,6 +58,7 @@ from queuejob.flows.core.manifest import (
     run_labels,
     secret_name,
 )
+from queuejob.flows.core.pod_failure import POLICY_REASON, explain_policy_failure
 from queuejob.flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
 from queuejob.flows.params import CleanupParams, JobParams, QueueParams, default_items
 from queuejob.flows.storage import open_storage
@@ -422,6 +423,11 @@ def plan_job(
         run_id=run.run_id,
         broker_url=run.cfg.url,
     )
+    # The Job's failure fields only where the API server keeps them (an older one drops them).
+    features = tasks.server_features(run.choice)
+    note = features.omission_note()
+    if note:
+        logger.warning(note)
     manifest = build_job(
         spec,
         run_id=run.run_id,
@@ -429,6 +435,7 @@ def plan_job(
         completions=run.completions,
         confirmed_items=run.confirmed,
         delivery_limit=qs.delivery_limit if qs.queue_type == "classic" else None,
+        features=features,
     )
     return secret, manifest
 
@@ -504,8 +511,11 @@ def conclude(
     apply the caveat policy. The report is saved and shown by now either way."""
     if state.phase is JobPhase.FAILED:
         s = result["summary"]
+        why = state.message
+        if state.reason == POLICY_REASON:  # name the pod, what its exit means, its log's end
+            why = explain_policy_failure(state.message, result["pod_failures"])
         raise JobFailed(
-            f"Job {run.name!r} failed: {state.reason} ({state.message}); "
+            f"Job {run.name!r} failed: {state.reason} ({why}); "
             f"{s['succeeded']}/{s['expected']} items succeeded; see the report artifact"
         )
     if state.phase is JobPhase.SUCCEEDED:
@@ -577,6 +587,8 @@ def _report_dict(
         "summary": summary.as_dict(),
         "findings": [f.as_dict() for f in run.findings],
         "pod_failures": pod_failures,
+        # Pods Kubernetes stopped (evicted, preempted, lost): whether each counted, and why.
+        "disruptions": [d.as_dict() for d in state.disruptions],
         "ledger": run.storage_location,
         "ledger_path": ledger_path,
         "ledger_records": ledger.records,
