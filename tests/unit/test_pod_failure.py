@@ -325,3 +325,22 @@ def test_without_a_policy_a_disruption_counts() -> None:
     tracker = PodTracker(None)
     tracker.observe(_pod("a", "Failed", [EVICTED], code=143))
     assert tracker.disruptions[0].counted
+
+
+def test_a_template_block_adds_rules_and_a_timeout_and_refuses_bad_rules() -> None:
+    from queuejob.blocks import WorkQueueJobTemplate
+    from queuejob.flows.core.errors import InvalidInput
+
+    rule = {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [137]}}
+    block = WorkQueueJobTemplate(
+        image=IMAGE, command=["cat"], pod_failure_rules=[rule], item_timeout_seconds=30
+    )
+    job = build_job(block.to_job_spec(), run_id=RUN_ID, queue="q", completions=1)
+    assert job["spec"]["podFailurePolicy"]["rules"][2] == rule
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--item-timeout") + 1] == "30"
+    bad = WorkQueueJobTemplate(
+        image=IMAGE, command=["cat"], pod_failure_rules=[{**rule, "action": "FailIndex"}]
+    )
+    with pytest.raises(InvalidInput, match="pod failure rule 0: action FailIndex"):
+        bad.to_job_spec()
