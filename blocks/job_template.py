@@ -161,6 +161,21 @@ class WorkQueueJobTemplate(Block):
         default="ca.crt",
         description="The key of the CA bundle (PEM) in that Secret or ConfigMap.",
     )
+    item_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="A command still running after this many seconds is stopped (SIGTERM, "
+        "then SIGKILL) and its item recorded failed, then retried up to the queue's delivery "
+        "limit. A --call function cannot be stopped: its pod exits and is replaced. Empty: no "
+        "limit.",
+    )
+    pod_failure_rules: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra podFailurePolicy rules, as Kubernetes writes them, after queuejob's "
+        "own two (FailJob when the worker exits 2, its configuration error; Ignore when the pod "
+        "has the DisruptionTarget condition). E.g. [{'action': 'FailJob', 'onPodConditions': "
+        "[{'type': 'ConfigIssue'}]}]. The first rule that matches a failed pod decides.",
+    )
 
     @model_validator(mode="before")
     @classmethod

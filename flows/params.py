@@ -145,6 +145,12 @@ class JobParams(BaseModel):
     name_prefix: str | None = Field(
         default=None, description="Job names are '<prefix>-<run id>' (default 'queuejob')."
     )
+    item_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="An item still running after this many seconds fails and is retried up to "
+        "the delivery limit (a command is stopped; a --call ends its pod). Default: no limit.",
+    )
 
     @field_validator("completions")
     @classmethod
@@ -170,6 +176,7 @@ class JobParams(BaseModel):
             "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
             "idle_timeout_seconds": self.idle_timeout_seconds,
             "name_prefix": self.name_prefix,
+            "item_timeout_seconds": self.item_timeout_seconds,
         }
         out: dict[str, object] = {k: v for k, v in fields.items() if v is not None}
         if self.call is not None and self.command is None:

@@ -26,6 +26,7 @@ from queuejob.flows.core.backend import JobBackend, JobHandle
 from queuejob.flows.core.errors import ConfigError, InvalidInput, RetryableError
 from queuejob.flows.core.items import Item, ItemSource, iter_items
 from queuejob.flows.core.manifest import JobSpec
+from queuejob.flows.core.pod_failure import ServerFeatures
 from queuejob.flows.params import JobParams, job_spec_for_run
 
 BROKER_URL_ENV = "QUEUEJOB_BROKER_URL"
@@ -305,6 +306,18 @@ def check_namespace(choice: BackendChoice, namespace: str) -> None:
     backend = make_backend(choice)
     if isinstance(backend, KubeBackend):
         backend.check_namespace(namespace)
+
+
+@task(name="server-features", **RETRIES)
+def server_features(choice: BackendChoice) -> ServerFeatures:
+    """Which Job fields the cluster's API server keeps (its /version, read once per run); the
+    local backend has them all."""
+    if choice.kind != "kubernetes":
+        return ServerFeatures()
+    from queuejob.flows.adapters.kube import KubeBackend
+
+    backend = make_backend(choice)
+    return backend.server_features() if isinstance(backend, KubeBackend) else ServerFeatures()
 
 
 @task(name="find-job", **RETRIES)

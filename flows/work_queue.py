@@ -80,6 +80,7 @@ from queuejob.flows.core.manifest import (
     secret_name,
 )
 from queuejob.flows.core.outcome import Tolerance, decide
+from queuejob.flows.core.pod_failure import POLICY_REASON, explain_policy_failure
 from queuejob.flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
 from queuejob.flows.params import (
     CleanupParams,
@@ -565,6 +566,11 @@ def plan_job(
         run_id=run.run_id,
         broker_url=run.cfg.url,
     )
+    # The Job's failure fields only where the API server keeps them (an older one drops them).
+    features = tasks.server_features(run.choice)
+    note = features.omission_note()
+    if note:
+        logger.warning(note)
     manifest = build_job(
         spec,
         run_id=run.run_id,
@@ -572,6 +578,7 @@ def plan_job(
         completions=run.completions,
         confirmed_items=run.confirmed,
         delivery_limit=qs.delivery_limit if qs.queue_type == "classic" else None,
+        features=features,
     )
     return secret, manifest
 
@@ -646,6 +653,7 @@ def report(
         summary=summary,
         job_phase=state.phase.value,
         job_reason=state.reason,
+        job_message=_job_failure(state, pod_failures),
         tolerance=run.tolerance,
         run_id=run.run_id,
         caveat_failures=[f.line() for f in failing],
@@ -657,6 +665,16 @@ def report(
         _link_rerun(run, result["rerun_of"])
     run_report.log_summary(get_run_logger(), summary, run.findings, state, outcome.headline)
     return result
+
+
+def _job_failure(state: JobState, pod_failures: list[dict[str, Any]]) -> str | None:
+    """Why a failed Job failed, in one line: after a FailJob rule, the pod, what its exit means
+    and the end of its log."""
+    if state.phase is not JobPhase.FAILED:
+        return None
+    if state.reason == POLICY_REASON:
+        return explain_policy_failure(state.message, pod_failures)
+    return state.message
 
 
 def _link_rerun(run: Run, earlier: str) -> None:
@@ -764,6 +782,8 @@ def _report_dict(
         "summary": summary.as_dict(),
         "findings": [f.as_dict() for f in run.findings],
         "pod_failures": pod_failures,
+        # Pods Kubernetes stopped (evicted, preempted, lost): whether each counted, and why.
+        "disruptions": [d.as_dict() for d in state.disruptions],
         "ledger": run.storage_location,
         "ledger_path": ledger_path,
         "ledger_records": ledger.records,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from queuejob.flows.core.manifest import JobSpec, build_job, build_secret, secret_name
+from queuejob.flows.core.pod_failure import ServerFeatures
 
 IMAGE = "registry.example.invalid/queuejob-worker:1.0"
 
@@ -22,6 +23,7 @@ def shell_run(
     backoff_limit: int = 0,
     namespace: str = "default",
     active_deadline_seconds: int | None = None,
+    features: ServerFeatures = ServerFeatures(),  # noqa: B008 - frozen
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(Secret, Job) for a run whose pods run ``sh -c script`` instead of the queuejob worker."""
     spec = JobSpec(
@@ -33,7 +35,12 @@ def shell_run(
         active_deadline_seconds=active_deadline_seconds,
     )
     job = build_job(
-        spec, run_id=run_id, queue="q", completions=completions, confirmed_items=completions
+        spec,
+        run_id=run_id,
+        queue="q",
+        completions=completions,
+        confirmed_items=completions,
+        features=features,
     )
     job["spec"]["template"]["spec"]["containers"][0]["command"] = ["sh", "-c", script]
     name = job["metadata"]["name"]

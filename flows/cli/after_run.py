@@ -25,6 +25,7 @@ RERUN_OVERRIDES: dict[str, tuple[str, str | None]] = {
     "backoff_limit": ("job", "backoff_limit"),
     "deadline": ("job", "active_deadline_seconds"),
     "idle_timeout": ("job", "idle_timeout_seconds"),
+    "item_timeout": ("job", "item_timeout_seconds"),
     "image": ("job", "image"),
     "namespace": ("job", "namespace"),
     "template_block": ("job", "template_block"),

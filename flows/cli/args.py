@@ -39,6 +39,7 @@ OPTION_NAMES = {
     "job.active_deadline_seconds": "--deadline",
     "job.idle_timeout_seconds": "--idle-timeout",
     "job.max_result_bytes": "--max-result-bytes",
+    "job.item_timeout_seconds": "--item-timeout",
 }
 
 # The exit status of `queuejob run` and `queuejob rerun` (README.md has the same table).
@@ -246,6 +247,13 @@ def _add_job_group(p: argparse.ArgumentParser) -> None:
         help="a worker idle this long exits 'no work' (default: 10)",
     )
     job.add_argument(
+        "--item-timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="S",
+        help="an item running longer fails and is retried (default: no limit)",
+    )
+    job.add_argument(
         "--image",
         default=None,
         metavar="REF",
@@ -400,6 +408,7 @@ def flow_kwargs(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
             active_deadline_seconds=args.deadline,
             idle_timeout_seconds=args.idle_timeout,
             max_result_bytes=getattr(args, "max_result_bytes", None),
+            item_timeout_seconds=getattr(args, "item_timeout", None),
         )
     except ValidationError as exc:
         raise InvalidInput(f"invalid job settings: {_plain(exc, 'job')}") from None

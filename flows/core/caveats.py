@@ -54,6 +54,7 @@ class Code(enum.StrEnum):
     REDELIVERED_AFTER_LOST_ATTEMPT = "redelivered-after-lost-attempt"
     NO_WORK_PODS = "pods-found-no-work"
     QUEUE_KEPT = "queue-kept"
+    PODS_DISRUPTED = "pods-disrupted"
 
     @property
     def kind(self) -> Literal["outcome", "caveat"]:
@@ -239,6 +240,9 @@ def check_job_failed(state: JobState, *, job: str) -> Finding | None:
         "BackoffLimitExceeded": "read the failed pods' logs below; fix the item or the command, "
         "or raise backoff_limit",
         "DeadlineExceeded": "raise active_deadline_seconds or parallelism, or split the batch",
+        "PodFailurePolicy": "a pod failure that retrying cannot fix (the worker exits 2 on a "
+        "configuration error: a --call that cannot be imported, refused broker credentials, a "
+        "missing queue): read the named pod's log below and fix the configuration",
     }.get(state.reason or "", "read the Job's events and the failed pods' logs")
     return Finding(
         Code.JOB_FAILED,
@@ -288,6 +292,51 @@ def check_after(
         *_ledger_gaps(
             confirmed=confirmed, left=left, summary=summary, unreported_attempts=unreported_attempts
         ),
+        *check_disruptions(state),
+    ]
+
+
+DISRUPTIONS_SHOWN = 10
+
+
+def check_disruptions(state: JobState) -> list[Finding]:
+    """Pods Kubernetes disrupted (evicted, preempted, lost with their node), as the wait saw
+    them: ignored by the Job's pod failure policy (they did not count toward backoffLimit), or
+    counted on a server without one. Their items went back to the queue either way."""
+    disrupted = state.disruptions
+    if not disrupted:
+        return []
+    ignored = [d for d in disrupted if not d.counted]
+    counted = len(disrupted) - len(ignored)
+    shown = ", ".join(
+        f"{d.pod} ({d.reason or 'DisruptionTarget'}{': ' + d.message if d.message else ''})"
+        for d in disrupted[:DISRUPTIONS_SHOWN]
+    )
+    more = (
+        f" and {len(disrupted) - DISRUPTIONS_SHOWN} more"
+        if len(disrupted) > DISRUPTIONS_SHOWN
+        else ""
+    )
+    if counted:
+        how = (
+            f"{counted} counted toward backoffLimit (the Job has no pod failure policy that "
+            "ignores disruptions: Kubernetes before 1.26)"
+        )
+        if ignored:
+            how = f"{len(ignored)} ignored by the Job's pod failure policy, " + how
+    else:
+        how = "ignored by the Job's pod failure policy: none counted toward backoffLimit"
+    return [
+        Finding(
+            Code.PODS_DISRUPTED,
+            Severity.INFO,
+            f"{len(disrupted)} pod(s) stopped by Kubernetes, not by their work: {shown}{more}; "
+            f"{how}",
+            "nothing was lost: the items they held went back to the queue (the ledger shows "
+            "each attempt); if this happens often, look at node drains, preemption and spot "
+            "reclaims (a PodDisruptionBudget, a priority class)",
+            {"disrupted": len(disrupted), "counted": counted},
+        )
     ]
 
 

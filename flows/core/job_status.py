@@ -4,6 +4,11 @@ Since Kubernetes 1.31 the terminal conditions (``Complete``, ``Failed``) are wri
 every pod has terminated, and are preceded by interim ones: ``SuccessCriteriaMet`` and
 ``FailureTarget``. Both interim conditions already decide the outcome, so a waiter can return on
 them. Older clusters write only the terminal ones; both orders are handled.
+
+A Job that fails by its pod failure policy (``FailJob``) has reason ``PodFailurePolicy`` and a
+message naming the pod. Pods that Kubernetes disrupted (condition ``DisruptionTarget``: evicted,
+preempted, lost with their node) are not in the Job's status at all when the policy ignored them;
+the backends observe them on the pods and report them with the state (`PodDisruption`).
 """
 
 from __future__ import annotations
@@ -59,8 +64,30 @@ class JobCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class PodDisruption:
+    """A pod of the Job that Kubernetes stopped for a reason that was not its own (its
+    ``DisruptionTarget`` condition), and whether the failure counted toward ``backoffLimit``
+    (False when the Job's pod failure policy ignored it)."""
+
+    pod: str
+    reason: str | None  # EvictionByEvictionAPI, PreemptionByScheduler, DeletionByPodGC, ...
+    message: str | None
+    counted: bool
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain dict for reports."""
+        return {
+            "pod": self.pod,
+            "reason": self.reason,
+            "message": self.message,
+            "counted": self.counted,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class JobState:
-    """A Job's phase, counters and, once decided, the condition that decided it."""
+    """A Job's phase, counters and, once decided, the condition that decided it; and the pods
+    Kubernetes disrupted, as far as the backend saw them (see `PodDisruption`)."""
 
     phase: JobPhase
     counts: JobCounts
@@ -68,15 +95,19 @@ class JobState:
     reason: str | None = None  # CompletionsReached, BackoffLimitExceeded, DeadlineExceeded, ...
     message: str | None = None
     terminal: bool = False  # True once Complete/Failed are written (every pod has ended)
+    disruptions: tuple[PodDisruption, ...] = ()
 
     def describe(self) -> str:
         """One line for logs: phase, reason and counts."""
         c = self.counts
         head = self.phase.value if not self.reason else f"{self.phase.value} ({self.reason})"
-        return (
+        line = (
             f"{head}: active={c.active} ready={c.ready} succeeded={c.succeeded} "
             f"failed={c.failed} terminating={c.terminating}"
         )
+        if self.disruptions:
+            line += f" disrupted={len(self.disruptions)}"
+        return line
 
 
 _SUCCESS = ("SuccessCriteriaMet", "Complete")

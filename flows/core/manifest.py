@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from queuejob.flows.core.errors import InvalidInput
+from queuejob.flows.core.pod_failure import ServerFeatures, check_rules, pod_failure_policy
 from queuejob.flows.core.results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_CEILING
 
 APP_LABEL = "app.kubernetes.io/name"
@@ -188,6 +189,22 @@ class JobSpec(BaseModel):
         default="ca.crt",
         description="The key of the CA bundle in that Secret or ConfigMap.",
     )
+    item_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="A command still running after this many seconds is stopped and its item "
+        "recorded failed (retried up to the delivery limit). Empty: no limit.",
+    )
+    pod_failure_rules: tuple[dict[str, Any], ...] = Field(
+        default=(),
+        description="podFailurePolicy rules added after queuejob's own two (FailJob on the "
+        "worker's exit 2, Ignore on DisruptionTarget), as Kubernetes writes them.",
+    )
+
+    @field_validator("pod_failure_rules")
+    @classmethod
+    def _rules(cls, value: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        return check_rules(value, container=CONTAINER_NAME)
 
     @field_validator("image")
     @classmethod
@@ -265,6 +282,8 @@ def worker_command(spec: JobSpec) -> list[str]:
     ]
     if spec.max_result_bytes != DEFAULT_MAX_RESULT_BYTES:
         cmd += ["--max-result-bytes", str(spec.max_result_bytes)]
+    if spec.item_timeout_seconds is not None:
+        cmd += ["--item-timeout", f"{spec.item_timeout_seconds:g}"]
     if spec.call:
         return [*cmd, "--call", spec.call]
     return [*cmd, "--", *spec.command]
@@ -298,11 +317,15 @@ def build_job(
     completions: int | None,
     confirmed_items: int | None = None,
     delivery_limit: int | None = None,
+    features: ServerFeatures = ServerFeatures(),  # noqa: B008 - frozen
 ) -> dict[str, Any]:
     """The batch/v1 Job for one run.
 
     ``completions`` is None in fine mode (pods loop until the queue is drained; the Job is done
     when one pod succeeded and all ended); in coarse mode it is the number of items to process.
+    ``features`` says which fields the API server keeps (default: a current server's): the
+    ``podFailurePolicy`` and ``podReplacementPolicy: Failed`` are left out where it has neither
+    (see `queuejob.flows.core.pod_failure`).
     """
     check_counts(parallelism=spec.parallelism, completions=completions)
     name = job_name(spec.name_prefix, run_id)
@@ -354,7 +377,12 @@ def build_job(
         job_spec["completions"] = completions
         # More pods at once than completions would only start pods with nothing to do.
         job_spec["parallelism"] = min(spec.parallelism, completions)
+    if features.pod_failure_policy:
+        job_spec["podFailurePolicy"] = pod_failure_policy(CONTAINER_NAME, spec.pod_failure_rules)
     job_spec["backoffLimit"] = spec.backoff_limit
+    if features.pod_replacement_policy:
+        # No replacement while the pod it replaces still terminates, holding unacked messages.
+        job_spec["podReplacementPolicy"] = "Failed"
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:

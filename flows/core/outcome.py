@@ -167,12 +167,14 @@ def decide(
     summary: LedgerSummary,
     job_phase: str | None,
     job_reason: str | None,
+    job_message: str | None = None,
     tolerance: Tolerance,
     run_id: str,
     caveat_failures: Sequence[str] = (),
 ) -> Outcome:
     """The run's outcome from its items, its Job and the caveat findings the policy fails on
-    (``caveat_failures``: their lines; empty under the ``warn`` policy)."""
+    (``caveat_failures``: their lines; empty under the ``warn`` policy). ``job_message``: why
+    the Job failed, added to a failed run's message."""
     by_fate = not_succeeded(summary)
     missing = sum(by_fate.values())
     allowed = tolerance.allowed(summary.expected)
@@ -217,6 +219,8 @@ def decide(
         extra.append(f"{n} caveat finding{'s' if n != 1 else ''} with caveat_policy=fail")
     headline = f"Failed: {items}" + (f" ({'; '.join(extra)})" if extra else "")
     message = f"{headline}; {job}"
+    if "job" in reasons and job_message:
+        message += f": {job_message}"
     if "items" in reasons and allowed:
         message += f"; more than {limit} allows"
     if rerun:

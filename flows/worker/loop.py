@@ -37,6 +37,7 @@ from queuejob.flows.worker.options import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    EXIT_TIMED_OUT,
     EXIT_USAGE,
     Options,
     Usage,
@@ -44,7 +45,7 @@ from queuejob.flows.worker.options import (
     parse_args,
 )
 from queuejob.flows.worker.outcomes import OutcomePublisher
-from queuejob.flows.worker.runner import Executor, Item, Result, call_item
+from queuejob.flows.worker.runner import Executor, Item, Result, call_item, timeout_note
 
 _TICK_S = 0.25  # how often the loop looks at signals while it waits
 _KEEP_AFTER_S = 1.0  # a call running longer than this has the keeper serve the connection
@@ -82,7 +83,12 @@ class Worker:
         self.opts = opts
         self.call = call
         self.executor = (
-            Executor(argv=opts.command, max_result_bytes=opts.max_result_bytes)
+            Executor(
+                argv=opts.command,
+                max_result_bytes=opts.max_result_bytes,
+                timeout_s=opts.item_timeout_s,
+                grace_s=opts.grace_s,
+            )
             if call is None
             else None
         )
@@ -94,6 +100,7 @@ class Worker:
         self.io = threading.Lock()
         self.io.acquire()
         self.calling: tuple[Item, float] | None = None
+        self.call_delivery: tuple[Any, Any, bytes] | None = None  # the message being called
         self.prefetch = 1 if opts.mode == "coarse" else opts.prefetch
         self.chatty = opts.mode == "coarse" or opts.call is None  # a log line per item
         self.signal: int | None = None
@@ -281,21 +288,29 @@ class Worker:
         """While a ``--call`` function runs on the main thread for longer than a moment, serve
         the connection in its place: heartbeats, deliveries, confirms and the acks they allow.
         On a signal mid-call, do what the main thread would: record the item ``interrupted``,
-        settle what is done, and end the process (a Python function cannot be stopped)."""
+        settle what is done, and end the process (a Python function cannot be stopped). Past
+        the item timeout, the same with the item recorded ``failed`` and rejected for
+        redelivery, and exit 1."""
+        timeout = self.opts.item_timeout_s
         while True:
             time.sleep(_TICK_S)
             calling = self.calling
             if calling is None:
                 continue
-            if self.signal is None and time.monotonic() - calling[1] < _KEEP_AFTER_S:
+            elapsed = time.monotonic() - calling[1]
+            late = timeout is not None and elapsed >= timeout
+            if self.signal is None and not late and elapsed < _KEEP_AFTER_S:
                 continue
             if not self.io.acquire(blocking=False):
                 continue  # the call just ended
             try:
                 if self.calling is None:
                     continue
-                if self.signal is not None:
-                    code = self._stop_on_signal(self.calling)
+                if self.signal is not None or late:
+                    if self.signal is not None:
+                        code = self._stop_on_signal(self.calling)
+                    else:
+                        code = self._stop_on_call_timeout(self.calling)
                     with contextlib.suppress(Exception):
                         self.conn.close()
                     for stream in (sys.stdout, sys.stderr):
@@ -511,6 +526,35 @@ class Worker:
         self._drain(_SIGNAL_DRAIN_S)
         return _signal_exit(self.signal)
 
+    def _stop_on_call_timeout(self, current: tuple[Item, float]) -> int:
+        """A ``--call`` past the item timeout (it cannot be stopped): record it ``failed`` and
+        reject it for redelivery, record every message held but not started ``interrupted``
+        and leave them unacked, settle what is done; the caller then ends the process."""
+        assert self.call_delivery is not None and self.opts.item_timeout_s is not None
+        item, started = current
+        method, props, body = self.call_delivery
+        with contextlib.suppress(Exception):
+            self._io(time_limit=0)
+        self._cancel()
+        held = list(self.deliveries)
+        self.deliveries.clear()
+        note = timeout_note(
+            self.opts.item_timeout_s,
+            "a --call function cannot be stopped: the worker exits so that the pod ends and "
+            "the Job replaces it",
+        )
+        sys.stderr.write(note)
+        self.processed += 1
+        self.failed += 1
+        res = Result(EXIT_TIMED_OUT, note, timed_out=True)
+        self._reject_failed(item, method, props, body, res, time.monotonic() - started)
+        for _method, h_props, h_body in held:
+            other = Item.of(h_props, h_body, self.run_id, self.pod)
+            why = "not started: the worker stopped after a --call timed out\n"
+            self.out.publish_record(other.record(INTERRUPTED, None, 0.0, why))
+        self._drain(_SIGNAL_DRAIN_S)
+        return EXIT_ITEM_FAILED
+
     def _handle(self, method: Any, props: Any, body: bytes) -> int | None:
         item = Item.of(props, body, self.run_id, self.pod)
         env: dict[str, str] = {}
@@ -534,12 +578,13 @@ class Worker:
         gen = self.gen
         if self.call is not None:
             self.calling = (item, started)
+            self.call_delivery = (method, props, body)
             self.io.release()
             try:
                 res: Result | None = call_item(self.call, body, self.opts.max_result_bytes)
             finally:
                 self.io.acquire()
-                self.calling = None
+                self.calling = self.call_delivery = None
         else:
             assert self.executor is not None
             self.executor.submit(body, env, result_file)
@@ -571,6 +616,14 @@ class Worker:
             return None
 
         self.failed += 1
+        self._reject_failed(item, method, props, body, res, duration)
+        return None
+
+    def _reject_failed(
+        self, item: Item, method: Any, props: Any, body: bytes, res: Result, duration: float
+    ) -> None:
+        """Record a failed item, then reject it for redelivery once the record is confirmed
+        (or count the failure in a copy, or dead-letter it, with ``--delivery-limit``)."""
         seq = self.out.publish_record(item.record(FAILED, res, duration))
         limit = self.opts.delivery_limit
         if limit is not None and item.attempt > limit:
@@ -594,11 +647,12 @@ class Worker:
         else:
             self.out.settle_after(seq, "requeue", method.delivery_tag, item.item_id)
             fate = "rejected: the broker redelivers it, or dead-letters it past its delivery limit"
-        self.say(
-            f"item {item.item_id!r} attempt {item.attempt}: failed with exit code "
-            f"{res.exit_code} in {duration:.2f} s; {fate}"
+        how = (
+            f"timed out after {self.opts.item_timeout_s:g} s"
+            if res.timed_out
+            else f"failed with exit code {res.exit_code} in {duration:.2f} s"
         )
-        return None
+        self.say(f"item {item.item_id!r} attempt {item.attempt}: {how}; {fate}")
 
     def _orphaned(self, item: Item, res: Result, duration: float) -> int | None:
         """An item whose message went back with a lost connection: record what it did on the

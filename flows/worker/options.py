@@ -4,7 +4,7 @@ Takes work items from a RabbitMQ queue and runs a command on each, with the item
 (the ``amqp-consume`` contract), or calls a Python function with the body::
 
     python -m queuejob.flows.worker [--mode coarse|fine] [--idle-timeout S] [--delivery-limit N]
-                           [--prefetch N] [--max-result-bytes N]
+                           [--prefetch N] [--item-timeout S] [--max-result-bytes N]
                            [--call module:function] [-- CMD ARGS...]
 
 Environment: ``BROKER_URL`` (amqp://user:password@host:port/vhost) and ``QUEUE`` (the work queue)
@@ -51,6 +51,14 @@ Per item:
   old copy) and rejects the message without requeue, into ``<queue>.dead``, once it failed
   N + 1 times. That count only sees failures a worker reports: a pod killed mid-item is
   bounded by quorum queues alone, which is why they are the default.
+* ``--item-timeout S``: a command still running after S seconds is stopped (SIGTERM to its
+  process group, SIGKILL after ``--grace`` seconds) and its item is a failure like any other,
+  recorded ``failed`` with exit code 124 and "timed out after S s", rejected for redelivery (so
+  the delivery limit bounds a hanging item as it bounds a failing one). A ``--call`` function
+  cannot be stopped: past the timeout the worker records its item ``failed`` ("timed out"),
+  rejects it for redelivery once the record is confirmed, records every message held but not
+  started ``interrupted``, and exits 1 without waiting for the function, so the pod ends and
+  the Job replaces it.
 * the queue stays empty for the idle timeout: publish a ``no_work`` record (only if this
   worker processed nothing) and exit 0. A pod never blocks forever.
 * SIGTERM (or SIGINT): stop taking messages, stop the command (SIGTERM to its process group,
@@ -78,9 +86,11 @@ duration, the last lines of stderr and, for a succeeded item, its result.
 Exit codes:
 
 * 0: the item (coarse) or every item taken (fine) succeeded, or there was no work;
-* 1: an item failed; it was rejected for redelivery, or dead-lettered at its limit;
+* 1: an item failed (or timed out); it was rejected for redelivery, or dead-lettered at its
+  limit;
 * 2: usage or configuration error: bad arguments, ``BROKER_URL``/``QUEUE`` missing or
-  invalid, credentials or vhost refused, the queue does not exist, ``--call`` not importable;
+  invalid, credentials or vhost refused, the queue does not exist, ``--call`` not importable.
+  Retrying cannot fix it: queuejob's Job fails at once on it (its podFailurePolicy);
 * 3: the broker could not be reached within ``--connect-timeout``, a lost connection could
   not be made again within ``--reconnect-timeout``, a coarse worker lost the message of its
   item, or the broker refused an outcome record (the unacked items are redelivered);
@@ -103,6 +113,7 @@ from queuejob.flows.core.results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYT
 
 EXIT_OK = 0
 EXIT_ITEM_FAILED = 1
+EXIT_TIMED_OUT = 124  # a timed-out item's exit code in its record, as timeout(1) exits
 EXIT_USAGE = 2
 EXIT_BROKER = 3
 EXIT_SIGINT = 130
@@ -130,6 +141,7 @@ class Options:
     prefetch: int
     reconnect_timeout_s: float = 60.0
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    item_timeout_s: float | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="an item's result may be at most N bytes; a larger one fails the item (default: "
         f"{DEFAULT_MAX_RESULT_BYTES})",
+    )
+    parser.add_argument(
+        "--item-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="an item still running after this long fails: a command is stopped, a --call "
+        "ends the worker (default: no limit)",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -231,6 +251,8 @@ def parse_args(argv: list[str]) -> Options:
             raise Usage(f"QUEUEJOB_DELIVERY_LIMIT must be an integer (got {raw!r})") from None
     if limit is not None and limit < 0:
         raise Usage(f"--delivery-limit must be 0 or more (got {limit})")
+    if ns.item_timeout is not None and not 0 < ns.item_timeout < float("inf"):
+        raise Usage(f"--item-timeout must be a positive number of seconds (got {ns.item_timeout})")
     prefetch = ns.prefetch
     if prefetch is None:
         prefetch = DEFAULT_PREFETCH_CALL if ns.call else DEFAULT_PREFETCH_COMMAND
@@ -261,6 +283,7 @@ def parse_args(argv: list[str]) -> Options:
         grace_s=max(0.0, ns.grace),
         prefetch=prefetch,
         max_result_bytes=ns.max_result_bytes,
+        item_timeout_s=ns.item_timeout,
     )
 
 

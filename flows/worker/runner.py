@@ -32,6 +32,7 @@ from queuejob.flows.adapters.broker import (
 )
 from queuejob.flows.core import results
 from queuejob.flows.core.ledger import SUCCEEDED, OutcomeRecord
+from queuejob.flows.worker.options import EXIT_TIMED_OUT
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000
@@ -49,11 +50,18 @@ def _stderr_tail(data: bytes | str) -> str:
 @dataclass(frozen=True)
 class Result:
     """How one item ended: its exit code (0 for success), the end of its stderr, and its result
-    (a JSON value, None for none)."""
+    (a JSON value, None for none); a command stopped at the item timeout has exit code 124 and
+    ``timed_out``."""
 
     exit_code: int
     tail: str = ""
     result: Any = None
+    timed_out: bool = False
+
+
+def timeout_note(timeout_s: float, what: str) -> str:
+    """The line a timed-out item's record ends with (and the pod's log shows)."""
+    return f"queuejob worker: timed out after {timeout_s:g} s: {what}\n"
 
 
 def _result_failed(exc: results.ResultError, tail: str = "") -> Result:
@@ -119,12 +127,23 @@ class Executor:
     The main thread owns the broker connection: while a command runs it keeps serving
     heartbeats, deliveries and publisher confirms, however long the command takes, and it
     notices signals. Each command is one process, fed and read by this thread with a selector;
-    nothing else is started per item.
+    nothing else is started per item. With ``timeout_s``, a command still running after that
+    long gets SIGTERM (its process group), then SIGKILL after ``grace_s``, and its item ends
+    with exit code 124 (`Result.timed_out`).
     """
 
-    def __init__(self, *, argv: list[str], max_result_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        argv: list[str],
+        max_result_bytes: int,
+        timeout_s: float | None = None,
+        grace_s: float = 10.0,
+    ) -> None:
         self._argv = argv
         self._max_result_bytes = max_result_bytes
+        self._timeout_s = timeout_s
+        self._grace_s = grace_s
         self._jobs: queue.SimpleQueue[tuple[bytes, dict[str, str], str | None]] = (
             queue.SimpleQueue()
         )
@@ -199,15 +218,24 @@ class Executor:
             return Result(127 if isinstance(exc, FileNotFoundError) else 126, tail)
         self._proc = proc
         try:
-            tail = _stderr_tail(self._pump(proc, body))
+            stopped = _Deadline(proc, self._timeout_s, self._grace_s)
+            tail = _stderr_tail(self._pump(proc, body, stopped))
+            if stopped.fired:
+                note = timeout_note(
+                    float(self._timeout_s or 0),
+                    f"the command was stopped (SIGTERM, then SIGKILL after {self._grace_s:g} s); "
+                    f"it ended with {_describe_exit(proc.returncode)}",
+                )
+                sys.stderr.write(note)
+                return Result(EXIT_TIMED_OUT, _stderr_tail(tail + note), timed_out=True)
             return Result(proc.returncode, tail)
         finally:
             self._proc = None
 
     @staticmethod
-    def _pump(proc: subprocess.Popen[bytes], body: bytes) -> bytes:
-        """Feed ``body`` to the command's stdin and copy its stderr to ours until it exits;
-        return the end of its stderr."""
+    def _pump(proc: subprocess.Popen[bytes], body: bytes, deadline: _Deadline) -> bytes:
+        """Feed ``body`` to the command's stdin and copy its stderr to ours until it exits
+        (stopping it at the ``deadline``); return the end of its stderr."""
         assert proc.stdin is not None and proc.stderr is not None
         stdin, stderr = proc.stdin, proc.stderr
         out = getattr(sys.stderr, "buffer", None)
@@ -247,6 +275,8 @@ class Executor:
                             out.flush()
                 if exited_at is None and proc.poll() is not None:
                     exited_at = time.monotonic()
+                if exited_at is None:
+                    deadline.check()
                 # A background grandchild may keep a pipe open: do not wait for it forever.
                 if exited_at is not None and time.monotonic() - exited_at > _ORPHAN_PIPE_S:
                     break
@@ -255,6 +285,43 @@ class Executor:
                 pipe.close()
         proc.wait()
         return bytes(kept)
+
+
+class _Deadline:
+    """The item timeout of one command: SIGTERM to its group once it passed, SIGKILL after the
+    grace period."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], timeout_s: float | None, grace_s: float
+    ) -> None:
+        self._proc = proc
+        self._at = None if timeout_s is None else time.monotonic() + timeout_s
+        self._grace_s = grace_s
+        self._kill_at: float | None = None
+        self.fired = False
+
+    def check(self) -> None:
+        if self._at is None:
+            return
+        now = time.monotonic()
+        if not self.fired and now >= self._at:
+            self.fired = True
+            self._kill_at = now + self._grace_s
+            _signal_group(self._proc.pid, signal.SIGTERM)
+        elif self._kill_at is not None and now >= self._kill_at:
+            self._kill_at = None
+            _signal_group(self._proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"signal {-code}"
+    return f"exit code {code}"
 
 
 @dataclass(frozen=True)

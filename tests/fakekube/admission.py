@@ -306,6 +306,16 @@ def validate_job(job: Obj) -> list[Cause]:
     pod_spec = template.get("spec") or {}
     causes += validate_pod_spec(pod_spec, "spec.template.spec")
     policy = pod_spec.get("restartPolicy")
+    if spec.get("podFailurePolicy") is not None and policy != "Never":
+        # Not in the traces: the rule and wording of the 1.32 source (ValidateJobSpec).
+        causes.append(
+            invalid_value(
+                "spec.template.spec.restartPolicy",
+                policy,
+                'only "Never" is supported when podFailurePolicy is specified',
+            )
+        )
+    policy = pod_spec.get("restartPolicy")
     if policy not in ("OnFailure", "Never"):
         # The pod-spec check accepts Always; the Job check does not, and says "Required".
         causes = [c for c in causes if c.field != "spec.template.spec.restartPolicy"]

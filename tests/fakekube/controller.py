@@ -13,6 +13,12 @@ The Job controller follows the 1.32 controller's observable behaviour (see the t
   ``legacy_conditions`` writes only the terminal ones, as clusters before 1.31 did (in the
   write that moves the last pods into the counts, without waiting for pods to terminate);
 - ``suspend`` deletes the running pods (uncounted) and flips the ``Suspended`` condition;
+- ``podFailurePolicy`` (the traces' p01-p04): each failed pod meets the rules in order, the first
+  match decides; ``FailJob`` writes ``FailureTarget``/``Failed`` with reason ``PodFailurePolicy``
+  and the message naming the container, pod and exit code (or condition) and rule index;
+  ``Ignore`` removes the pod's tracking finalizer without counting it (the back-off delay still
+  grows); ``Count`` or no match counts it. With a policy, or ``podReplacementPolicy: Failed``, a
+  deleted pod counts only once it is Failed, and no replacement starts while it terminates;
 - ``active``, ``succeeded`` and ``failed`` are omitted when 0; ``terminating``,
   ``uncountedTerminatedPods`` and ``ready`` are always written.
 
@@ -51,6 +57,7 @@ BACKOFF_REASON = "BackoffLimitExceeded"
 BACKOFF_MESSAGE = "Job has reached the specified backoff limit"
 DEADLINE_REASON = "DeadlineExceeded"
 DEADLINE_MESSAGE = "Job was active longer than specified deadline"
+POLICY_REASON = "PodFailurePolicy"
 _MESSAGES = {BACKOFF_REASON: BACKOFF_MESSAGE, DEADLINE_REASON: DEADLINE_MESSAGE}
 _TERMINAL = ("Succeeded", "Failed")
 
@@ -63,6 +70,7 @@ class _JobMemory:
     failures_since_success: int = 0
     last_failure_mono: float = 0.0
     finished_mono: float | None = None
+    fail_job: str | None = None  # the message of the first pod that matched a FailJob rule
 
 
 def _has_finalizer(pod: Obj) -> bool:
@@ -87,13 +95,51 @@ def _is_ready(pod: Obj) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
-def _finished_as(pod: Obj) -> str | None:
-    """ "succeeded"/"failed" for a pod the Job should count, None while it still runs."""
+def _finished_as(pod: Obj, *, only_failed: bool = False) -> str | None:
+    """ "succeeded"/"failed" for a pod the Job should count, None while it still runs. A pod
+    being deleted counts as failed at once, unless ``only_failed`` (the Job has a pod failure
+    policy or podReplacementPolicy Failed): then only once its phase is Failed."""
     phase = _phase(pod)
     if phase == "Succeeded":
         return "succeeded"
-    if phase == "Failed" or pod["metadata"].get("deletionTimestamp"):
+    if phase == "Failed" or (pod["metadata"].get("deletionTimestamp") and not only_failed):
         return "failed"
+    return None
+
+
+def _only_replace_failed(spec: Obj) -> bool:
+    return spec.get("podFailurePolicy") is not None or spec.get("podReplacementPolicy") == "Failed"
+
+
+def _policy_match(policy: Obj | None, pod: Obj) -> tuple[str, str] | None:
+    """(action, message) of the first podFailurePolicy rule a failed pod matches."""
+    meta, status = pod["metadata"], pod.get("status") or {}
+    where = f"{meta['namespace']}/{meta['name']}"
+    for index, rule in enumerate((policy or {}).get("rules") or []):
+        action = rule.get("action")
+        codes = rule.get("onExitCodes")
+        if codes is not None:
+            for cs in status.get("containerStatuses") or []:
+                code = ((cs.get("state") or {}).get("terminated") or {}).get("exitCode")
+                if code in (None, 0):
+                    continue
+                if codes.get("containerName") not in (None, cs.get("name")):
+                    continue
+                if (code in codes.get("values") or []) == (codes.get("operator") == "In"):
+                    return action, (
+                        f"Container {cs.get('name')} for pod {where} failed with exit code "
+                        f"{code} matching {action} rule at index {index}"
+                    )
+            continue
+        for pattern in rule.get("onPodConditions") or []:
+            for cond in status.get("conditions") or []:
+                if cond.get("type") == pattern.get("type") and cond.get("status") == pattern.get(
+                    "status", "True"
+                ):
+                    return action, (
+                        f"Pod {where} has condition {cond.get('type')} matching {action} rule "
+                        f"at index {index}"
+                    )
     return None
 
 
@@ -293,20 +339,30 @@ class Controllers:
         elif not suspended and mem.started_mono is None:
             mem.started_mono = now  # a Job from before a restart of the fake: count from now
 
-        # 2. Pods that finished (or are being deleted) while tracked by the finalizer.
+        # 2. Pods that finished (or are being deleted) while tracked by the finalizer. A failed
+        # pod meets the pod failure policy first: Ignore lets it go uncounted.
+        policy = spec.get("podFailurePolicy")
+        only_failed = _only_replace_failed(spec)
         listed = {u for v in uncounted.values() for u in v}
+        ignored: set[str] = set()
         for pod in pods:
-            kind = _finished_as(pod)
+            kind = _finished_as(pod, only_failed=only_failed)
             pod_uid = pod["metadata"]["uid"]
             if kind is None or not _has_finalizer(pod) or pod_uid in listed:
                 continue
-            uncounted.setdefault(kind, []).append(pod_uid)
-            listed.add(pod_uid)
             if kind == "failed":
                 mem.failures_since_success += 1
                 mem.last_failure_mono = now
+                matched = _policy_match(policy, pod) if policy else None
+                if matched is not None and matched[0] == "Ignore":
+                    ignored.add(pod_uid)
+                    continue
+                if matched is not None and matched[0] == "FailJob" and mem.fail_job is None:
+                    mem.fail_job = matched[1]
             else:
                 mem.failures_since_success = 0
+            uncounted.setdefault(kind, []).append(pod_uid)
+            listed.add(pod_uid)
 
         succeeded = int(status.get("succeeded") or 0) + len(uncounted.get("succeeded", []))
         failed = int(status.get("failed") or 0) + len(uncounted.get("failed", []))
@@ -315,12 +371,16 @@ class Controllers:
         # 3. The decision: interim conditions first (1.31+), terminal ones when all pods ended.
         decided = _has(conditions, "FailureTarget") or _has(conditions, "SuccessCriteriaMet")
         failure = None
+        failure_message = ""
         success = False
         if decided is not None:
             failure = decided["reason"] if decided["type"] == "FailureTarget" else None
+            failure_message = str(decided.get("message") or "")
             success = failure is None
         elif not suspended:
-            if failed > backoff_limit:
+            if mem.fail_job is not None:
+                failure, failure_message = POLICY_REASON, mem.fail_job
+            elif failed > backoff_limit:
                 failure = BACKOFF_REASON
             elif (
                 deadline is not None
@@ -337,15 +397,17 @@ class Controllers:
                 self._later(uid, mem.started_mono + float(deadline))
 
         if failure is not None and decided is None:
+            failure_message = failure_message or _MESSAGES[failure]
             for pod in active:
                 # Deleted while tracked: these count as failed, like the real controller.
                 self._delete_pod(pod)
             if not self.legacy_conditions:
-                conditions.append(_condition("FailureTarget", failure, _MESSAGES[failure]))
+                conditions.append(_condition("FailureTarget", failure, failure_message))
             pods = self._pods_of(job)
             for pod in pods:
                 pod_uid = pod["metadata"]["uid"]
-                if _finished_as(pod) == "failed" and _has_finalizer(pod) and pod_uid not in listed:
+                ended_as = _finished_as(pod, only_failed=only_failed)
+                if ended_as == "failed" and _has_finalizer(pod) and pod_uid not in listed:
                     uncounted.setdefault("failed", []).append(pod_uid)
                     listed.add(pod_uid)
             active = [p for p in pods if _is_active(p)]
@@ -368,7 +430,7 @@ class Controllers:
                 want = max(0, min(parallelism, int(completions) - succeeded))
             missing = want - len(active)
             to_create = missing
-            if spec.get("podReplacementPolicy") == "Failed":
+            if only_failed:
                 # Replacements wait until terminating pods are fully gone.
                 to_create -= sum(1 for p in pods if _is_terminating(p))
             if to_create > 0:
@@ -410,7 +472,7 @@ class Controllers:
 
         # 6. Stop tracking the counted pods, then write 2: UIDs move into the counts.
         for pod in pods_now:
-            if pod["metadata"]["uid"] in listed and _has_finalizer(pod):
+            if pod["metadata"]["uid"] in listed | ignored and _has_finalizer(pod):
                 self._remove_tracking(pod)
         status = copy.deepcopy(job.get("status") or {})
         moved = bool(uncounted)
@@ -434,7 +496,9 @@ class Controllers:
                 conditions.append(_condition("Complete", SUCCESS_REASON, SUCCESS_MESSAGE))
                 status["completionTime"] = now_str()
             elif failure is not None and not _has(conditions, "Failed"):
-                conditions.append(_condition("Failed", failure, _MESSAGES[failure]))
+                conditions.append(
+                    _condition("Failed", failure, failure_message or _MESSAGES[failure])
+                )
             status["conditions"] = conditions
             mem.finished_mono = now
         if moved or finished:

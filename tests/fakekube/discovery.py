@@ -83,6 +83,15 @@ CORE_V1: dict[str, Any] = {
             "storageVersionHash": "xPOwRZ+Yhw8=",
         },
         {
+            "name": "pods/eviction",
+            "singularName": "",
+            "namespaced": True,
+            "group": "policy",
+            "version": "v1",
+            "kind": "Eviction",
+            "verbs": ["create"],
+        },
+        {
             "name": "pods/log",
             "singularName": "",
             "namespaced": True,

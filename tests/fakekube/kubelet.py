@@ -3,6 +3,8 @@
 Like the recording's fake kubelet it binds every pod to ``fake-node``, writes the pod status
 (Pending -> Running -> Succeeded/Failed with containerStatuses), resolves ``env`` (literal
 values, ``secretKeyRef``, ``fieldRef``) and keeps the container's output as the pod log.
+Its status writes replace only the conditions a kubelet owns; others (``DisruptionTarget``,
+which the Eviction API adds) are kept, as a real kubelet keeps them.
 
 A pod's process runs in its own session, so deleting the pod (or stopping the server) can kill the
 whole process group: SIGTERM, then SIGKILL after a short grace. When a pod's main process ends,
@@ -39,6 +41,12 @@ from tests.fakekube.store import Event, Store
 _INHERITED_ENV = ("HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "PYTHONPATH", "SYSTEMROOT")
 _VAR_REF = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 _TERMINAL = ("Succeeded", "Failed")
+# The pod conditions a kubelet writes (and the scheduler's PodScheduled, which it keeps).
+# Others belong to someone else (DisruptionTarget: the Eviction API, the scheduler's preemption,
+# the taint manager): a kubelet's status write keeps them, as a real one does.
+_KUBELET_CONDITIONS = frozenset(
+    {"PodScheduled", "Initialized", "Ready", "ContainersReady", "PodReadyToStartContainers"}
+)
 
 
 @dataclass(eq=False)
@@ -454,6 +462,15 @@ class Kubelet:
         }
         return [scheduled, initialized]
 
+    @staticmethod
+    def _others(draft: Obj) -> list[Obj]:
+        """The conditions this kubelet does not own, kept as they are."""
+        return [
+            c
+            for c in (draft.get("status") or {}).get("conditions") or []
+            if c.get("type") not in _KUBELET_CONDITIONS
+        ]
+
     def _running_status(self, draft: Obj, container: Obj, rec: PodProcess) -> None:
         now = rec.started_at
         status = dict(draft.get("status") or {})
@@ -467,6 +484,7 @@ class Kubelet:
                 "lastTransitionTime": now,
             },
             {"type": "Ready", "status": "True", "lastProbeTime": None, "lastTransitionTime": now},
+            *self._others(draft),
         ]
         status.update(_addresses())
         status["startTime"] = status.get("startTime") or now
@@ -508,6 +526,7 @@ class Kubelet:
                 "lastTransitionTime": now,
                 "reason": "PodCompleted",
             },
+            *self._others(draft),
         ]
         status.update(_addresses())
         status["startTime"] = status.get("startTime") or rec.started_at
@@ -559,6 +578,7 @@ class Kubelet:
                     "reason": "ContainersNotReady",
                     "message": unready,
                 },
+                *self._others(draft),
             ]
             status.update(_addresses())
             status["startTime"] = status.get("startTime") or now

@@ -42,6 +42,7 @@ from tests.fakekube.admission import (
 from tests.fakekube.controller import Controllers
 from tests.fakekube.kubelet import Kubelet
 from tests.fakekube.objects import (
+    ORDER_POD_STATUS,
     ORDER_TOP,
     ORPHAN_WARNING,
     RESOURCES,
@@ -54,6 +55,7 @@ from tests.fakekube.objects import (
     forbidden,
     method_not_allowed,
     not_found,
+    now_str,
     ordered,
     route_not_found,
     status_body,
@@ -72,7 +74,11 @@ _PUBLIC_PATHS = ("/version", "/healthz", "/livez", "/readyz")
 _TRUE = ("1", "t", "T", "TRUE", "true", "True")
 _FALSE = ("0", "f", "F", "FALSE", "false", "False")
 _GROUP_RESOURCES = {"": ("namespaces", "secrets", "pods"), "batch": ("jobs",)}
-_SUBRESOURCES = {"pods": ("log", "status"), "jobs": ("status",), "namespaces": ("status",)}
+_SUBRESOURCES = {
+    "pods": ("log", "status", "eviction"),
+    "jobs": ("status",),
+    "namespaces": ("status",),
+}
 _FAULT_REASONS = {
     400: "BadRequest",
     401: "Unauthorized",
@@ -213,7 +219,7 @@ class FakeKubeServer:
         self.url = ""
         self._accounts: dict[str, _User] = {}
         self._faults: list[_Fault] = []
-        self._gone_next = 0
+        self._gone_next: list[str | None] = []
         self._lock = threading.Lock()
         self._streams: set[_Stream] = set()
         self._stopping = threading.Event()
@@ -344,10 +350,11 @@ class FakeKubeServer:
         with self._lock:
             return len(self._streams)
 
-    def gone_next_watch(self) -> None:
-        """The next watch answers 200 with a single ERROR event (410 Expired), then closes."""
+    def gone_next_watch(self, resource: str | None = None) -> None:
+        """The next watch (of ``resource``, a plural, when given) answers 200 with a single
+        ERROR event (410 Expired), then closes."""
         with self._lock:
-            self._gone_next += 1
+            self._gone_next.append(resource)
 
     def _take_fault(self, method: str) -> int | None:
         with self._lock:
@@ -359,11 +366,12 @@ class FakeKubeServer:
                     return status
         return None
 
-    def _take_gone(self) -> bool:
+    def _take_gone(self, resource: str) -> bool:
         with self._lock:
-            if self._gone_next:
-                self._gone_next -= 1
-                return True
+            for i, wanted in enumerate(self._gone_next):
+                if wanted in (None, resource):
+                    del self._gone_next[i]
+                    return True
         return False
 
     # --- inspection ------------------------------------------------------------------------------
@@ -506,13 +514,17 @@ class FakeKubeServer:
             }.get(method, "")
             if not verb:
                 raise method_not_allowed()
-        if verb == "create" and name is not None:
+        if verb == "create" and name is not None and sub != "eviction":
+            raise method_not_allowed()
+        if sub == "eviction" and verb != "create":
             raise method_not_allowed()
         if verb in ("update", "patch") and name is None:
             raise method_not_allowed()
         return _Request(method, verb, res, namespace, name, sub, query)
 
     def _dispatch(self, h: _Handler, req: _Request, body: bytes) -> int:
+        if req.subresource == "eviction":
+            return self._evict(h, req, body)
         if req.subresource == "log":
             if req.verb != "get":
                 raise method_not_allowed()
@@ -801,7 +813,7 @@ class FakeKubeServer:
                 return ("DELETED", event.obj)
             return None
 
-        if self._take_gone():
+        if self._take_gone(res.plural):
             h.start_stream("application/json")
             current = self.store.resource_version
             h.write_chunk(
@@ -876,6 +888,71 @@ class FakeKubeServer:
             self.store.unsubscribe(sub)
             with self._lock:
                 self._streams.discard(stream)
+
+    # --- the Eviction API ------------------------------------------------------------------------
+
+    def _evict(self, h: _Handler, req: _Request, body: bytes) -> int:
+        """``POST pods/<name>/eviction`` (no PodDisruptionBudgets here, so always allowed): the
+        pod gets the condition DisruptionTarget, then a graceful delete (p02-02 and the pod
+        events around it)."""
+        assert req.name is not None
+        eviction = _parse_json(body, None) if body.strip() else {}
+        if not isinstance(eviction, dict) or eviction.get("kind", "Eviction") != "Eviction":
+            raise bad_request("the body must be a policy/v1 Eviction")
+        options = eviction.get("deleteOptions") or {}
+        pod = self.store.get("pods", req.namespace, req.name)
+        if pod is None:
+            raise not_found(RESOURCES["pods"], req.name)
+        uid = pod["metadata"]["uid"]
+        phase = (pod.get("status") or {}).get("phase")
+        if phase not in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
+
+            def disrupt(draft: Obj) -> Obj:
+                status = dict(draft.get("status") or {})
+                conditions = [
+                    c for c in status.get("conditions") or [] if c.get("type") != "DisruptionTarget"
+                ]
+                conditions.append(
+                    {
+                        "type": "DisruptionTarget",
+                        "status": "True",
+                        "lastProbeTime": None,
+                        "lastTransitionTime": now_str(),
+                        "reason": "EvictionByEvictionAPI",
+                        "message": "Eviction API: evicting",
+                    }
+                )
+                status["conditions"] = conditions
+                out = dict(draft)
+                out["status"] = ordered(status, ORDER_POD_STATUS)
+                return out
+
+            self.store.update(
+                "pods",
+                req.namespace,
+                req.name,
+                disrupt,
+                expect_uid=uid,
+                manager=h.manager(req.query),
+                subresource="status",
+            )
+        self.store.delete(
+            "pods",
+            req.namespace,
+            req.name,
+            grace_seconds=options.get("gracePeriodSeconds"),
+            expect_uid=uid,
+        )
+        return h.send_json(
+            201,
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "code": 201,
+            },
+        )
 
     # --- pod logs --------------------------------------------------------------------------------
 

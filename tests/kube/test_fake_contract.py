@@ -229,6 +229,12 @@ CREATES = [
     "s08-04-create-job-5-lines",
     "s09-02-create-job-completions3-parallelism3",
     "s11-02-create-job-completions6-parallelism2",
+    # With a podFailurePolicy: podReplacementPolicy defaults to Failed (p01-p03), or is kept
+    # as given (p04).
+    "p01-01-create-job",
+    "p02-01-create-job",
+    "p03-01-create-job",
+    "p04-01-create-job",
 ]
 
 

@@ -583,7 +583,7 @@ def test_watch_drop_resumes_from_the_last_resource_version(
 def test_gone_410_relists_and_carries_on(fake_kube: Any, backend: KubeBackend, rid: str) -> None:
     secret, job = _run(rid, "sleep 1", completions=1)
     handle = backend.create_or_adopt(secret=secret, job=job, run_id=rid)
-    fake_kube.gone_next_watch()
+    fake_kube.gone_next_watch("jobs")  # not the pods' watch, which runs beside it
     before = _job_collection_gets(fake_kube)
     state = backend.wait(handle, timeout_s=30, tick_s=0.2)
     assert state.phase is JobPhase.SUCCEEDED

@@ -10,7 +10,8 @@ and no container runtime. This stand-in does the node's part, and only that:
   (literal values, ``secretKeyRef``, ``configMapKeyRef``, ``fieldRef``, ``envFrom`` and
   ``$(VAR)`` references), in its own process group, stdout and stderr into one log file;
 - reports ``Running``, then ``Succeeded`` or ``Failed`` with each container's exit code and the
-  reasons a real kubelet uses (``Completed`` / ``Error``);
+  reasons a real kubelet uses (``Completed`` / ``Error``), as strategic-merge patches that leave
+  the pod conditions it does not own (``DisruptionTarget``) in place, as a real kubelet does;
 - kills a pod's processes when the pod is deleted, then finishes the deletion (grace 0), which
   is what lets Job deletion, ``activeDeadlineSeconds`` and garbage collection complete;
 - serves ``/containerLogs/{namespace}/{pod}/{container}`` over HTTPS (client certificates
@@ -138,6 +139,17 @@ class Api:
     def get(self, path: str, *, ok_missing: bool = False) -> dict[str, Any] | None:
         """GET path."""
         return self.request("GET", path, ok_missing=ok_missing)
+
+    def strategic_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """PATCH path with a strategic-merge patch (lists such as a pod's conditions merge by
+        their key); None when the object is gone."""
+        return self.request(
+            "PATCH",
+            path,
+            body,
+            content_type="application/strategic-merge-patch+json",
+            ok_missing=True,
+        )
 
     def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """PATCH path with a JSON merge patch; None when the object is gone."""
@@ -811,7 +823,10 @@ class Kubelet:
         }
         path = f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status"
         try:
-            self.api.merge_patch(path, {"metadata": {"uid": run.uid}, "status": status})
+            # A strategic-merge patch, as a real kubelet sends: it replaces the conditions the
+            # kubelet owns (by type) and keeps the others, such as the DisruptionTarget that an
+            # eviction adds (a JSON merge patch would replace the whole list and lose it).
+            self.api.strategic_patch(path, {"metadata": {"uid": run.uid}, "status": status})
         except ApiError as exc:
             # 409: the uid precondition failed (a new pod of the same name); nothing to report.
             if exc.status != 409:

@@ -104,7 +104,7 @@ def test_api_faults_during_create_and_wait_are_absorbed(
             drop_and_wait_for_the_resume("the watch to resume after 500, 500, 429")
             steps.append("dropped, then 500, 500, 429")
             # The next resume finds its resourceVersion expired: 410 Gone, so it re-lists.
-            fake_kube.gone_next_watch()
+            fake_kube.gone_next_watch("jobs")
             drop_and_wait_for_the_resume("the watch to resume after 410 Gone")
             steps.append("dropped, then 410 Gone")
         except BaseException as exc:

@@ -28,6 +28,13 @@ seen (events and BOOKMARKs), with ``timeoutSeconds`` on each watch, a re-list wh
 answers 410 Gone (as an ERROR event in an HTTP 200 stream), and a reconnect when a stream drops.
 Events reach the caller's thread through a queue, so a decisive condition is seen within
 milliseconds of its write, and the caller gets a heartbeat every ``tick_s`` to poll the broker.
+A second watch follows the Job's pods (label ``controller-uid``) for what the Job's status
+does not say: the pods Kubernetes disrupted (``DisruptionTarget``), reported on
+``JobState.disruptions``; its failure is logged and does not end the wait.
+
+Server versions. `KubeBackend.server_features` reads ``/version`` once and says whether the
+server keeps ``podFailurePolicy`` (1.26+) and ``podReplacementPolicy`` (1.29+); the flow builds
+the Job accordingly, and a create whose answer lacks a field that was sent is logged.
 
 Secrets: the broker URL travels only in the Secret body; it never appears in a message, a log line
 or an exception raised here (client-side validation errors are re-raised without their inputs).

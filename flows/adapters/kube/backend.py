@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import random
@@ -11,7 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import pydantic
-from kubernetes.client import ApiClient, BatchV1Api, CoreV1Api
+from kubernetes.client import ApiClient, BatchV1Api, CoreV1Api, VersionApi
 from kubernetes.client.exceptions import ApiException
 
 from queuejob.flows.adapters.kube.common import CONNECTION_ERRORS, MAX_BACKOFF_S, T
@@ -25,7 +26,7 @@ from queuejob.flows.adapters.kube.errors import (
     status_body,
     unreachable,
 )
-from queuejob.flows.adapters.kube.watch import Event, JobWatch, WatchStats
+from queuejob.flows.adapters.kube.watch import Event, JobWatch, PodWatch, WatchStats
 from queuejob.flows.core.backend import (
     JobHandle,
     PodFailure,
@@ -45,6 +46,8 @@ from queuejob.flows.core.errors import (
 )
 from queuejob.flows.core.job_status import JobState, job_state
 from queuejob.flows.core.manifest import CONTAINER_NAME, RUN_ID_LABEL, run_labels, run_selector
+from queuejob.flows.core.pod_failure import IGNORE, ServerFeatures, match_pod
+from queuejob.flows.core.pods import PodTracker
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,9 @@ class KubeBackend:
         # deliberately sends camelCase dicts (which the client validates and sends unchanged).
         self._batch: Any = BatchV1Api(api_client)
         self._core: Any = CoreV1Api(api_client)
+        self._version: Any = VersionApi(api_client)
         self._last_watch: JobWatch | None = None  # the latest wait's watch, for diagnostics
+        self._features: ServerFeatures | None = None
 
     def __repr__(self) -> str:
         host = getattr(self.api_client.configuration, "host", "?")
@@ -210,6 +215,31 @@ class KubeBackend:
             job = None
         return job, str(rv) if rv else None
 
+    def _list_pods(self, namespace: str, selector: str) -> tuple[list[dict[str, Any]], str | None]:
+        """The pods matching a label selector and the list's resourceVersion."""
+        _, body = self._json(
+            self._core.list_namespaced_pod,
+            namespace,
+            label_selector=selector,
+            op=KubeOp("list", "pods", namespace),
+        )
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        return [p for p in body.get("items") or [] if isinstance(p, dict)], str(rv) if rv else None
+
+    def server_features(self) -> ServerFeatures:
+        """Which of the Job's failure fields this API server keeps, from its ``/version`` (read
+        once per backend). A server that does not say is taken for a current one: an older
+        server drops the fields it does not know, and `create_or_adopt` logs that it did."""
+        if self._features is None:
+            status, body = self._json(
+                self._version.get_code, op=KubeOp("get", "version"), tolerate=(403, 404)
+            )
+            if status != 200:
+                log.warning("could not read the API server's /version (%d); assuming 1.29+", status)
+                body = {}
+            self._features = ServerFeatures.from_version(body)
+        return self._features
+
     def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         status, body = self._json(
             self._batch.read_namespaced_job,
@@ -301,6 +331,7 @@ class KubeBackend:
             raise
 
         handle = JobHandle.from_job(body, run_id, adopted=adopted)
+        self._check_kept(job, body)
         owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": handle.uid}
         self._json(
             self._core.patch_namespaced_secret,
@@ -310,6 +341,24 @@ class KubeBackend:
             op=KubeOp("patch", "secrets", namespace, sec_name),
         )
         return handle
+
+    @staticmethod
+    def _check_kept(sent: Mapping[str, Any], stored: Mapping[str, Any]) -> None:
+        """Log the failure fields the API server dropped (a feature gate off, an old server)."""
+        dropped = [
+            key
+            for key in ("podFailurePolicy", "podReplacementPolicy")
+            if (sent.get("spec") or {}).get(key) is not None
+            and (stored.get("spec") or {}).get(key) is None
+        ]
+        if dropped:
+            name = (stored.get("metadata") or {}).get("name")
+            log.warning(
+                "the API server dropped %s from Job %s (an older server, or its feature gate is "
+                "off): every failed pod counts toward backoffLimit",
+                " and ".join(dropped),
+                name,
+            )
 
     def _delete_secret(self, namespace: str, name: str) -> None:
         self._json(
@@ -350,13 +399,17 @@ class KubeBackend:
 
         Returns as soon as a decisive condition is written (the interim ``SuccessCriteriaMet`` /
         ``FailureTarget`` count). Raises `JobTimeout` after ``timeout_s`` seconds,
-        `KubeNotFound` when the Job is deleted meanwhile, and whatever ``on_update`` raises. The
-        watch thread is stopped before this returns or raises.
+        `KubeNotFound` when the Job is deleted meanwhile, and whatever ``on_update`` raises.
+        Beside the Job, its pods are watched for what the Job's status does not say (the pods
+        Kubernetes disrupted: `JobState.disruptions`); that watch failing (a Role without
+        ``watch`` on pods) is logged and does not end the wait. The watch threads are stopped
+        before this returns or raises.
         """
         deadline = time.monotonic() + timeout_s
         job, rv = self._list_job(handle)
         if job is None:
             raise self._gone(handle)
+        pods = PodTracker((job.get("spec") or {}).get("podFailurePolicy"))
         state = job_state(job)
         if on_update is not None:
             on_update(state)
@@ -367,8 +420,11 @@ class KubeBackend:
 
         events: queue.Queue[Event] = queue.Queue()
         watch = JobWatch(self, handle, resource_version=rv, deadline=deadline, out=events)
+        pod_watch = PodWatch(self, handle, resource_version=None, deadline=deadline, out=events)
         self._last_watch = watch
         watch.start()
+        if handle.uid:
+            pod_watch.start()
         try:
             while True:
                 now = time.monotonic()
@@ -381,11 +437,24 @@ class KubeBackend:
                         on_update(state)  # heartbeat: lets the caller poll the broker
                     last_notice = time.monotonic()
                     continue
-                if event.error is not None:
+                if event.pod_error is not None:
+                    log.warning(
+                        "stopped watching the pods of Job %s (%s); pods that Kubernetes "
+                        "disrupts are not listed in the report",
+                        handle.name,
+                        event.pod_error,
+                    )
+                    continue
+                if event.pod is not None:
+                    if not pods.observe(event.pod):
+                        continue
+                    new = dataclasses.replace(state, disruptions=pods.disruptions)
+                elif event.error is not None:
                     raise event.error
-                if event.deleted or event.job is None:
+                elif event.deleted or event.job is None:
                     raise self._gone(handle)
-                new = job_state(event.job)
+                else:
+                    new = dataclasses.replace(job_state(event.job), disruptions=pods.disruptions)
                 if new != state:
                     state = new
                     if on_update is not None:
@@ -394,10 +463,15 @@ class KubeBackend:
                 if state.phase.decided:
                     return state
         finally:
-            watch.stop()
-            watch.join(timeout=self.request_timeout_s + 1.0)
-            if watch.is_alive():  # pragma: no cover - a request that ignores its own timeout
-                log.warning("the watch of Job %s did not stop in time", handle.name)
+            for w in (watch, pod_watch):
+                w.stop()
+            for w in (watch, pod_watch):
+                if w.is_alive():
+                    w.join(timeout=self.request_timeout_s + 1.0)
+                if w.is_alive():  # pragma: no cover - a request that ignores its own timeout
+                    log.warning(
+                        "the %s watch of Job %s did not stop in time", w.resource, handle.name
+                    )
 
     @property
     def last_wait_stats(self) -> WatchStats:
@@ -423,7 +497,10 @@ class KubeBackend:
         )
 
     def failure_details(self, handle: JobHandle, *, tail_lines: int = 20) -> list[PodFailure]:
-        """One entry per failed pod of the Job: exit code, reason and the last log lines."""
+        """One entry per failed pod of the Job that counted (not one its pod failure policy
+        ignored): exit code, reason and the last log lines."""
+        current = self._read_job(handle.namespace, handle.name)
+        policy = ((current or {}).get("spec") or {}).get("podFailurePolicy")
         op = KubeOp("list", "pods", handle.namespace)
         _, body = self._json(
             self._core.list_namespaced_pod,
@@ -439,6 +516,9 @@ class KubeBackend:
         for pod in pods:
             status = pod.get("status") or {}
             if status.get("phase") != "Failed":
+                continue
+            matched = match_pod(policy, pod) if policy else None
+            if matched is not None and matched.action == IGNORE:
                 continue
             name = str((pod.get("metadata") or {}).get("name"))
             container, exit_code, reason = self._termination(pod)

@@ -1,4 +1,10 @@
-"""The Job watch: a background thread that lists, watches, resumes and re-lists."""
+"""The watches of a wait: background threads that list, watch, resume and re-list.
+
+`JobWatch` follows the Job itself (its status decides the wait); `PodWatch` follows the Job's
+pods (what the Job's status does not say: pods Kubernetes disrupted). Both share the loop of
+`_Watch`: a list for a resourceVersion, watches with ``timeoutSeconds`` resumed from the last
+resourceVersion seen, a re-list on 410 Gone, reconnects with back-off when a stream drops.
+"""
 
 from __future__ import annotations
 
@@ -55,15 +61,22 @@ class WatchStats:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """What the watch thread hands to the waiting thread."""
+    """What a watch thread hands to the waiting thread: a version of the Job (or its deletion,
+    or the error that ended the Job's watch), or a version of one of its pods (or the error that
+    ended the pods' watch, which the wait survives)."""
 
     job: dict[str, Any] | None = None
     deleted: bool = False
     error: BaseException | None = None
+    pod: dict[str, Any] | None = None
+    pod_error: BaseException | None = None
 
 
-class JobWatch(threading.Thread):
-    """Watches one Job and puts its new versions on a queue until stopped or the deadline."""
+class _Watch(threading.Thread):
+    """One resource's watch loop; subclasses say what to list, what to watch and what an event
+    means."""
+
+    resource = ""
 
     def __init__(
         self,
@@ -74,7 +87,7 @@ class JobWatch(threading.Thread):
         deadline: float,
         out: queue.Queue[Event],
     ) -> None:
-        super().__init__(name=f"kube-watch-{handle.name}", daemon=True)
+        super().__init__(name=f"kube-watch-{self.resource}-{handle.name}", daemon=True)
         self._backend = backend
         self._handle = handle
         self._rv = resource_version
@@ -105,15 +118,33 @@ class JobWatch(threading.Thread):
             if not self._stopped.is_set():
                 if not isinstance(exc, QueueJobError):
                     exc = KubeError(
-                        f"watching Job '{self._handle.name}' in namespace "
-                        f"'{self._handle.namespace}' failed unexpectedly "
+                        f"watching the {self.resource} of Job '{self._handle.name}' in "
+                        f"namespace '{self._handle.namespace}' failed unexpectedly "
                         f"({type(exc).__name__}: {exc})"
                     )
-                self._out.put(Event(error=exc))
+                self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def _relist(self) -> bool:
+        """List afresh (setting the resourceVersion); False when the watch is over."""
+        raise NotImplementedError
+
+    def _open(self, timeout: int, read_timeout: float) -> Any:
+        """Open one watch request (``_preload_content=False``)."""
+        raise NotImplementedError
+
+    def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
+        """One ADDED/MODIFIED/DELETED event; False when the watch is over."""
+        raise NotImplementedError
+
+    def _op(self) -> KubeOp:
+        raise NotImplementedError
 
     def _loop(self) -> None:
-        backend, h = self._backend, self._handle
-        op = KubeOp("watch", "jobs", h.namespace, h.name)
+        backend = self._backend
+        op = self._op()
         failures = 0
         while not self._stopped.is_set():
             remaining = self._deadline - time.monotonic()
@@ -121,11 +152,8 @@ class JobWatch(threading.Thread):
                 return  # the waiting thread raises JobTimeout
             if self._rv is None:
                 self.relists += 1
-                job, self._rv = backend._list_job(h)
-                if job is None:
-                    self._out.put(Event(deleted=True))
+                if not self._relist():
                     return
-                self._out.put(Event(job=job))
             timeout = max(1, min(backend.watch_timeout_s, math.ceil(remaining)))
             started = time.monotonic()
             events = 0
@@ -149,7 +177,13 @@ class JobWatch(threading.Thread):
                     raise
                 self.reconnects += 1
                 delay = backend._backoff(failures - 1, exc)
-                log.debug("watch of Job %s dropped (%s); reconnecting in %.2fs", h.name, exc, delay)
+                log.debug(
+                    "watch of %s of Job %s dropped (%s); reconnecting in %.2fs",
+                    self.resource,
+                    self._handle.name,
+                    exc,
+                    delay,
+                )
                 self._stopped.wait(delay)
                 continue
             if self._stopped.is_set():
@@ -180,29 +214,14 @@ class JobWatch(threading.Thread):
             self._rv = str(rv)
         if kind == "BOOKMARK":
             return True
-        uid = (obj.get("metadata") or {}).get("uid")
-        if kind == "DELETED" or (self._handle.uid and uid and uid != self._handle.uid):
-            self._out.put(Event(deleted=True))
-            return False
-        if kind in ("ADDED", "MODIFIED"):
-            self._out.put(Event(job=obj))
-        return True
+        return self._on_object(str(kind), obj)
 
     def _stream(self, timeout: int, op: KubeOp) -> Generator[dict[str, Any], None, None]:
-        backend, h = self._backend, self._handle
+        backend = self._backend
         read_timeout = timeout + min(backend.request_timeout_s, WATCH_READ_SLACK_S)
         self.watches += 1
         try:
-            resp = backend._batch.list_namespaced_job(
-                h.namespace,
-                field_selector=f"metadata.name={h.name}",
-                resource_version=self._rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=timeout,
-                watch=True,
-                _preload_content=False,
-                _request_timeout=(backend.request_timeout_s, read_timeout),
-            )
+            resp = self._open(timeout, read_timeout)
         except ApiException as exc:
             if exc.status == 410:
                 # Some servers and proxies answer an expired resourceVersion with HTTP 410
@@ -238,6 +257,90 @@ class JobWatch(threading.Thread):
             resp.close()
             with contextlib.suppress(Exception):
                 resp.release_conn()
+
+
+class JobWatch(_Watch):
+    """Watches one Job and puts its new versions on a queue until stopped or the deadline; a
+    failure ends the wait (`Event.error`)."""
+
+    resource = "job"
+
+    def _op(self) -> KubeOp:
+        return KubeOp("watch", "jobs", self._handle.namespace, self._handle.name)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._out.put(Event(error=exc))
+
+    def _relist(self) -> bool:
+        job, self._rv = self._backend._list_job(self._handle)
+        if job is None:
+            self._out.put(Event(deleted=True))
+            return False
+        self._out.put(Event(job=job))
+        return True
+
+    def _open(self, timeout: int, read_timeout: float) -> Any:
+        backend, h = self._backend, self._handle
+        return backend._batch.list_namespaced_job(
+            h.namespace,
+            field_selector=f"metadata.name={h.name}",
+            resource_version=self._rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            watch=True,
+            _preload_content=False,
+            _request_timeout=(backend.request_timeout_s, read_timeout),
+        )
+
+    def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
+        uid = (obj.get("metadata") or {}).get("uid")
+        if kind == "DELETED" or (self._handle.uid and uid and uid != self._handle.uid):
+            self._out.put(Event(deleted=True))
+            return False
+        if kind in ("ADDED", "MODIFIED"):
+            self._out.put(Event(job=obj))
+        return True
+
+
+class PodWatch(_Watch):
+    """Watches the Job's pods (label ``controller-uid``, which every Kubernetes version sets)
+    and puts each version of each pod on the queue, a deleted one included. Its failure does not
+    end the wait (`Event.pod_error`): the Job's own watch decides."""
+
+    resource = "pods"
+
+    def _op(self) -> KubeOp:
+        return KubeOp("watch", "pods", self._handle.namespace)
+
+    def _selector(self) -> str:
+        return f"controller-uid={self._handle.uid}"
+
+    def _failed(self, exc: BaseException) -> None:
+        self._out.put(Event(pod_error=exc))
+
+    def _relist(self) -> bool:
+        pods, self._rv = self._backend._list_pods(self._handle.namespace, self._selector())
+        for pod in pods:
+            self._out.put(Event(pod=pod))
+        return True
+
+    def _open(self, timeout: int, read_timeout: float) -> Any:
+        backend, h = self._backend, self._handle
+        return backend._core.list_namespaced_pod(
+            h.namespace,
+            label_selector=self._selector(),
+            resource_version=self._rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            watch=True,
+            _preload_content=False,
+            _request_timeout=(backend.request_timeout_s, read_timeout),
+        )
+
+    def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
+        if kind in ("ADDED", "MODIFIED", "DELETED"):
+            self._out.put(Event(pod=obj))
+        return True
 
 
 def _iter_lines(resp: Any) -> Iterator[bytes]:

@@ -14,6 +14,12 @@ flow's wait and caveat logic cannot tell the two backends apart:
   (running pods are killed), ``ttlSecondsAfterFinished``;
 - the status has the shape and the condition order of Kubernetes 1.31+ (``SuccessCriteriaMet`` then
   ``Complete``; ``FailureTarget`` then ``Failed``) with the same reasons and messages.
+- ``podFailurePolicy`` as Kubernetes applies it to a failed pod (the first matching rule decides:
+  ``FailJob`` fails the Job with reason ``PodFailurePolicy`` and Kubernetes' message, ``Ignore``
+  keeps the pod out of ``failed``, ``Count`` or no match counts it) and ``podReplacementPolicy:
+  Failed`` (no replacement while a pod terminates). The pods the backend itself stopped (those of
+  a supervisor that went away) get the condition ``DisruptionTarget`` (reason
+  ``DeletionByPodGC``), which queuejob's policy ignores;
 
 How it is built. Each Job has a small supervisor process of its own (``python -m
 queuejob.flows.adapters.local supervise <state file>``, detached from the caller), so the Job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -48,10 +49,28 @@ from queuejob.flows.core.errors import (
     KubeNotFound,
     RetryableError,
 )
-from queuejob.flows.core.job_status import JobState, job_state
+from queuejob.flows.core.job_status import JobState, PodDisruption, job_state
 from queuejob.flows.core.manifest import RUN_ID_LABEL, check_dns1123_label, run_labels
+from queuejob.flows.core.pod_failure import disruption_of
 
 # --- the backend ----------------------------------------------------------------------------------
+
+
+def local_state(job: Mapping[str, Any]) -> JobState:
+    """`job_state` of a local Job, with the pods it disrupted (its supervisor went away)."""
+    disruptions = []
+    for pod in (job.get("local") or {}).get("pods") or []:
+        cond = disruption_of(pod.get("conditions") or ())
+        if cond is not None and pod.get("phase") == "Failed":
+            disruptions.append(
+                PodDisruption(
+                    pod=str(pod["name"]),
+                    reason=cond.get("reason"),
+                    message=cond.get("message"),
+                    counted=not pod.get("ignored"),
+                )
+            )
+    return dataclasses.replace(job_state(job), disruptions=tuple(disruptions))
 
 
 class LocalBackend:
@@ -356,7 +375,7 @@ class LocalBackend:
                 if job is None:
                     raise self._gone(handle)
                 last_sig = sig
-                new = job_state(job)
+                new = local_state(job)
                 if new != state:
                     state = new
                     if on_update is not None:
@@ -399,8 +418,9 @@ class LocalBackend:
         return sensitive_strings(secrets)
 
     def failure_details(self, handle: JobHandle, *, tail_lines: int = 20) -> list[PodFailure]:
-        """One entry per failed pod, in start order: exit code, reason and the last log lines
-        (Secret values scrubbed)."""
+        """One entry per failed pod that counted (not one the Job's pod failure policy
+        ignored), in start order: exit code, reason and the last log lines (Secret values
+        scrubbed)."""
         paths = self._paths(handle.namespace, handle.name)
         job = self._read_handle(handle)
         if job is None:
@@ -408,7 +428,7 @@ class LocalBackend:
         sensitive = self._sensitive(paths, job)
         out: list[PodFailure] = []
         for pod in (job.get("local") or {}).get("pods") or []:
-            if pod.get("phase") != "Failed":
+            if pod.get("phase") != "Failed" or pod.get("ignored"):
                 continue
             log_path = paths.logs / f"{pod['name']}.log"
             text = tail_of_file(log_path, tail_lines) if log_path.exists() else ""

@@ -29,6 +29,11 @@ BACKOFF_REASON = "BackoffLimitExceeded"
 BACKOFF_MESSAGE = "Job has reached the specified backoff limit"
 DEADLINE_REASON = "DeadlineExceeded"
 DEADLINE_MESSAGE = "Job was active longer than specified deadline"
+POLICY_REASON = "PodFailurePolicy"
+# The DisruptionTarget a pod gets when the backend itself stopped it: its supervisor (the node)
+# went away, as the pod garbage collector marks pods of a node that is gone.
+LOST_REASON = "DeletionByPodGC"
+LOST_MESSAGE = "the supervisor that ran the pod stopped; the pod was stopped with it"
 
 # The environment a pod inherits from the machine; everything else comes from the Job's env, as
 # in a container (so a flow's own settings and credentials do not leak into pods).
@@ -66,7 +71,6 @@ SUPPORTED_FIELDS = (
     "status.hostIP",
 )
 UNSUPPORTED_JOB_FIELDS = (
-    "podFailurePolicy",
     "successPolicy",
     "backoffLimitPerIndex",
     "maxFailedIndexes",

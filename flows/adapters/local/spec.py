@@ -16,6 +16,7 @@ from queuejob.flows.core.errors import (
     InvalidInput,
 )
 from queuejob.flows.core.manifest import check_dns1123_label, run_labels
+from queuejob.flows.core.pod_failure import MAX_RULES, check_rules
 
 # --- validation ---------------------------------------------------------------------------------
 
@@ -103,7 +104,15 @@ def prepare_job(job: Mapping[str, Any], run_id: str) -> dict[str, Any]:
     spec["backoffLimit"] = 6 if backoff is None else backoff
     spec.setdefault("completionMode", "NonIndexed")
     spec.setdefault("suspend", False)
-    spec.setdefault("podReplacementPolicy", "TerminatingOrFailed")
+    policy = spec.get("podFailurePolicy")
+    replacement = spec.setdefault(
+        "podReplacementPolicy", "Failed" if policy is not None else "TerminatingOrFailed"
+    )
+    if replacement not in ("Failed", "TerminatingOrFailed"):
+        raise InvalidInput(
+            f"Job '{name}': podReplacementPolicy must be Failed or TerminatingOrFailed (got "
+            f"{replacement!r})"
+        )
 
     template = spec.get("template") or {}
     pod_spec = template.get("spec") or {}
@@ -130,6 +139,18 @@ def prepare_job(job: Mapping[str, Any], run_id: str) -> dict[str, Any]:
     if not all(isinstance(a, str) for a in container.get("args") or []):
         raise InvalidInput(f"Job '{name}': container args must be strings")
     _check_env(container, name)
+    if policy is not None:
+        if replacement != "Failed":
+            raise InvalidInput(
+                f"Job '{name}': podReplacementPolicy must be Failed with a podFailurePolicy"
+            )
+        rules = (policy or {}).get("rules") if isinstance(policy, dict) else None
+        if not isinstance(rules, list):
+            raise InvalidInput(f"Job '{name}': podFailurePolicy needs a list of rules")
+        try:
+            check_rules(rules, container=str(container.get("name") or ""), room=MAX_RULES)
+        except ValueError as exc:
+            raise InvalidInput(f"Job '{name}': podFailurePolicy: {exc}") from None
     return out
 
 

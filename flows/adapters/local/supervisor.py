@@ -22,7 +22,10 @@ from queuejob.flows.adapters.local.common import (
     DEADLINE_REASON,
     KILL_WAIT_S,
     LOG_TAIL_LINES,
+    LOST_MESSAGE,
+    LOST_REASON,
     POD_SUFFIX_ALPHABET,
+    POLICY_REASON,
     POLL_S,
     PR_SET_PDEATHSIG,
     SUCCESS_MESSAGE,
@@ -46,6 +49,7 @@ from queuejob.flows.adapters.local.processes import (
 )
 from queuejob.flows.adapters.local.state import Paths, remove_job_files
 from queuejob.flows.core.backend import run_id_of
+from queuejob.flows.core.pod_failure import DISRUPTION_TARGET, FAIL_JOB, IGNORE, match
 
 # --- the supervisor (the Job controller of one Job) -----------------------------------------------
 
@@ -294,7 +298,18 @@ class Supervisor:
                 finishedAt=iso(now),
                 finishedEpoch=now,
             )
-            self._note_failure(now)
+            # Stopped by the backend, not by its own doing: a disruption, which a Job's pod
+            # failure policy may ignore (as Kubernetes marks the pods of a node that is gone).
+            pod["conditions"] = [
+                {
+                    "type": DISRUPTION_TARGET,
+                    "status": "True",
+                    "lastTransitionTime": iso(now),
+                    "reason": LOST_REASON,
+                    "message": LOST_MESSAGE,
+                }
+            ]
+            self._judge(pod, now)
         self.dirty = True
 
     def _shutdown(self) -> None:
@@ -376,11 +391,40 @@ class Supervisor:
         if succeeded:
             self.local["failuresSinceSuccess"] = 0
         else:
-            self._note_failure(now)
+            self._judge(pod, now)
             tail = tail_of_file(self.paths.logs / f"{pod['name']}.log", LOG_TAIL_LINES)
             sensitive = self._sensitive()
             pod["logTail"] = scrub(tail, sensitive).splitlines()
         self.dirty = True
+
+    def _judge(self, pod: dict[str, Any], now: float) -> None:
+        """A failed pod, as the Job's podFailurePolicy sees it: FailJob decides the Job (at the
+        next reconcile), Ignore keeps it out of ``failed``; either way the back-off grows (as
+        Kubernetes 1.28+ does for ignored failures too)."""
+        self._note_failure(now)
+        policy = self.spec.get("podFailurePolicy")
+        if policy is None:
+            return
+        code = pod.get("exitCode")
+        found = match(
+            policy,
+            namespace=str(self.job["metadata"]["namespace"]),
+            pod=str(pod["name"]),
+            exit_codes={str(self._container().get("name")): code},
+            conditions=pod.get("conditions") or (),
+        )
+        if found is None:
+            return
+        pod["policyAction"] = found.action
+        if found.action == IGNORE:
+            pod["ignored"] = True
+        elif found.action == FAIL_JOB and self.local.get("failJob") is None:
+            self.local["failJob"] = found.message
+        self._say(f"pod {pod['name']}: {found.message}")
+
+    def _counted_failures(self) -> int:
+        """Failed pods that count toward backoffLimit (not ignored by the policy)."""
+        return sum(1 for p in self.pods if p["phase"] == "Failed" and not p.get("ignored"))
 
     def _note_failure(self, now: float) -> None:
         self.local["failuresSinceSuccess"] = int(self.local.get("failuresSinceSuccess") or 0) + 1
@@ -486,7 +530,7 @@ class Supervisor:
             finishedEpoch=now,
             logTail=[f"queuejob local backend: {reason}: {message}"],
         )
-        self._note_failure(now)
+        self._judge(pod, now)
 
     # --- the Job controller's decisions ---
 
@@ -499,12 +543,14 @@ class Supervisor:
         running = self._running()
         active = [p for p in running if p.get("terminatingSince") is None]
         succeeded = sum(1 for p in self.pods if p["phase"] == "Succeeded")
-        failed = sum(1 for p in self.pods if p["phase"] == "Failed")
+        failed = self._counted_failures()
         completions = spec.get("completions")
         if self._decided() is None:
             deadline = spec.get("activeDeadlineSeconds")
             start = float(self.local.get("startEpoch") or now)
-            if deadline is not None and now - start >= float(deadline):
+            if self.local.get("failJob"):
+                self._add_condition("FailureTarget", POLICY_REASON, self.local["failJob"], now)
+            elif deadline is not None and now - start >= float(deadline):
                 self._add_condition("FailureTarget", DEADLINE_REASON, DEADLINE_MESSAGE, now)
             elif failed > int(spec["backoffLimit"]):
                 self._add_condition("FailureTarget", BACKOFF_REASON, BACKOFF_MESSAGE, now)
@@ -539,6 +585,9 @@ class Supervisor:
         else:
             want = min(parallelism, int(completions) - succeeded)
         missing = want - len(active)
+        if self.spec.get("podReplacementPolicy") == "Failed":
+            # No replacement while a pod still terminates (it may hold unacked messages).
+            missing -= sum(1 for p in self._running() if p.get("terminatingSince") is not None)
         if missing <= 0 or self.stopping or self.paths.tombstone.exists():
             return
         failures = int(self.local.get("failuresSinceSuccess") or 0)
@@ -558,7 +607,7 @@ class Supervisor:
         active = sum(1 for p in running if p.get("terminatingSince") is None)
         terminating = len(running) - active
         succeeded = sum(1 for p in self.pods if p["phase"] == "Succeeded")
-        failed = sum(1 for p in self.pods if p["phase"] == "Failed")
+        failed = self._counted_failures()
         status: dict[str, Any] = {}
         if self._conditions():
             status["conditions"] = self._conditions()
