@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from queuejob.flows.core.errors import CaveatViolation, StaleMessages
-from queuejob.flows.core.job_status import JobPhase, JobState
+from queuejob.flows.core.job_status import JobPhase, JobState, StartProblem
 from queuejob.flows.core.ledger import LedgerSummary
 
 Policy = Literal["warn", "fail"]
@@ -55,6 +55,8 @@ class Code(enum.StrEnum):
     NO_WORK_PODS = "pods-found-no-work"
     QUEUE_KEPT = "queue-kept"
     PODS_DISRUPTED = "pods-disrupted"
+    PODS_CANNOT_START = "pods-cannot-start"
+    PODS_STUCK = "pods-stuck-pending"
 
     @property
     def kind(self) -> Literal["outcome", "caveat"]:
@@ -66,7 +68,14 @@ class Code(enum.StrEnum):
 # The findings about the items' fates and the Job: `max_failed_items` decides what they do to
 # the run, not `caveat_policy`.
 OUTCOME_CODES = frozenset(
-    {Code.ITEMS_LEFT, Code.ITEMS_FAILED, Code.DEAD_LETTERS, Code.LEDGER_SHORT, Code.JOB_FAILED}
+    {
+        Code.ITEMS_LEFT,
+        Code.ITEMS_FAILED,
+        Code.DEAD_LETTERS,
+        Code.LEDGER_SHORT,
+        Code.JOB_FAILED,
+        Code.PODS_CANNOT_START,
+    }
 )
 
 
@@ -253,6 +262,134 @@ def check_job_failed(state: JobState, *, job: str) -> Finding | None:
         {"failed_pods": state.counts.failed, "succeeded_pods": state.counts.succeeded},
         stage="during",
     )
+
+
+# --- pods that never started -------------------------------------------------------------------
+
+STUCK_PODS_SHOWN = 5
+
+
+def _pods_text(problem: StartProblem) -> str:
+    pods = problem.pods
+    if not pods:
+        return ""
+    shown = ", ".join(pods[:STUCK_PODS_SHOWN])
+    more = f" and {len(pods) - STUCK_PODS_SHOWN} more" if len(pods) > STUCK_PODS_SHOWN else ""
+    return f"pod{'' if len(pods) == 1 else 's'} {shown}{more}"
+
+
+def _start_advice(problem: StartProblem, *, job: str, namespace: str, rerun: str) -> str:
+    """What to do about what kept the pods from starting, then the command that runs the
+    items."""
+    then = f"then `{rerun}` runs the items"
+    reason = problem.reason
+    if problem.kind == "container" and reason in (
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "ImageInspectError",
+    ):
+        return (
+            "check the image reference (registry, name, tag) and that the nodes may pull it "
+            "(image_pull_secrets in the job template, the image pull policy); "
+            f"then `{rerun} --image <an image that pulls>` runs the items with it"
+        )
+    if reason == "CreateContainerConfigError":
+        return (
+            "create the Secret or ConfigMap (or the key) that the message names, or fix the "
+            f"template's env; {then}"
+        )
+    if problem.kind == "container":
+        return (
+            "the container runtime refused the container (the message says why): fix the "
+            f"template's command, resources or security settings; {then}"
+        )
+    if problem.kind == "scheduling":
+        return (
+            "no node fits the pods (the scheduler's message says why): fix the template's "
+            "node_selector, tolerations or resources, or add nodes; when a cluster autoscaler "
+            f"adds nodes, give it a longer --start-timeout; {then}"
+        )
+    if problem.kind == "create":
+        return (
+            "the API server refused the Job's pods (the message says why: a ResourceQuota, a "
+            "missing service account, a PodSecurity or admission policy): fix that, or lower "
+            f"parallelism below the quota; {then}"
+        )
+    if problem.kind == "sandbox":
+        return (
+            "the node could not set up the pods' sandbox (network or container runtime): "
+            f"`kubectl describe pods -l job-name={job} -n {namespace}` shows the node; {then}"
+        )
+    return (
+        f"`kubectl describe job {job} -n {namespace}` and `kubectl get events -n {namespace}` "
+        f"show why; if the pods only need longer (a large image), raise --start-timeout; {then}"
+    )
+
+
+def check_start(
+    state: JobState, *, job: str, namespace: str, run_id: str | None = None
+) -> list[Finding]:
+    """Pods that never started: the wait gave up on them (``pods-cannot-start``: the run
+    deleted the Job, its pods and its Secret, and kept the items in the queue), or they were
+    stuck while other pods worked (``pods-stuck-pending``, a warning)."""
+    rerun = f"queuejob rerun {run_id or '<RUN_ID>'} --fate left"
+    failure = state.start_failure
+    if failure is not None:
+        details = [
+            d for d in (_pods_text(failure), f"image {failure.image}" if failure.image else "") if d
+        ]
+        where = f" ({'; '.join(details)})" if details else ""
+        numbers: dict[str, int | float | str] = {
+            "reason": failure.reason,
+            "pods": len(failure.pods),
+            "waited_s": round(failure.seconds, 1),
+        }
+        if failure.image:
+            numbers["image"] = failure.image
+        if failure.rule:
+            numbers["rule"] = failure.rule
+        return [
+            Finding(
+                Code.PODS_CANNOT_START,
+                Severity.ERROR,
+                f"no pod of Job {job!r} could start: {failure.line()}{where}, "
+                f"{failure.why()}; the run deleted the Job, its pods and its Secret",
+                _start_advice(failure, job=job, namespace=namespace, rerun=rerun),
+                numbers,
+                stage="during",
+            )
+        ]
+    if not state.stuck:
+        return []
+    parts = []
+    for problem in state.stuck:
+        where = _pods_text(problem)
+        parts.append(
+            f"{problem.line()}"
+            + (f" ({where}, {problem.why()})" if where else f" ({problem.why()})")
+        )
+    n = sum(len(p.pods) for p in state.stuck)
+    held = (
+        "; they kept the Job from completing once its work was done, so the wait ended without them"
+        if state.held_open
+        else ""
+    )
+    return [
+        Finding(
+            Code.PODS_STUCK,
+            Severity.WARNING,
+            f"{n} pod(s) of Job {job!r} never started while others worked through the items: "
+            + "; ".join(parts)
+            + held,
+            "the run went on with the pods that started; fix the cause so that every pod can "
+            "start (a node that cannot pull the image, a quota below parallelism, no room for "
+            "more pods)",
+            {"pods": n},
+            stage="during",
+        )
+    ]
 
 
 # --- after the Job -----------------------------------------------------------------------------
@@ -505,6 +642,8 @@ def fit(
       completions; ``completions-fewer-than-items`` (the same cause, seen before the Job) goes.
     - A queue kept by the cleanup because it holds those items is said inside the finding about
       them (``items-left-in-queue``, ``items-failed``, ``dead-letters``).
+    - Items left because no pod could start: ``pods-cannot-start`` says how many stay in the
+      queue and names the rerun; ``items-left-in-queue`` (the same cause) goes.
 
     ``completions`` is the Job's (None in fine mode), ``confirmed`` the items queued.
     """
@@ -570,6 +709,16 @@ def fit(
             left, advice=f"{left.advice}; leave completions=auto to size the Job from the items"
         )
         dropped.add(Code.COMPLETIONS_SHORT)
+
+    # Items left because no pod could start: one cause.
+    if Code.PODS_CANNOT_START in by_code and Code.ITEMS_LEFT in by_code:
+        kept_items = by_code[Code.ITEMS_LEFT].numbers.get("items", 0)
+        extend(
+            Code.PODS_CANNOT_START,
+            f"{kept_items} item(s) stay in the work queue for a rerun",
+            items_left=kept_items,
+        )
+        dropped.add(Code.ITEMS_LEFT)
 
     # Kept queues, inside the finding about what they hold.
     out: list[Finding] = []

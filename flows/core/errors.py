@@ -165,6 +165,12 @@ class JobFailed(RunFailed):
     """The Job failed (BackoffLimitExceeded, DeadlineExceeded, ...)."""
 
 
+class PodsCannotStart(RunFailed):
+    """No pod of the Job could start (an image that cannot be pulled, no node that fits, a
+    quota that refuses the pods, ...): the run deleted the Job and kept its items in the
+    queue."""
+
+
 # --- caveats -----------------------------------------------------------------------------------
 
 

@@ -9,6 +9,12 @@ A Job that fails by its pod failure policy (``FailJob``) has reason ``PodFailure
 message naming the pod. Pods that Kubernetes disrupted (condition ``DisruptionTarget``: evicted,
 preempted, lost with their node) are not in the Job's status at all when the policy ignored them;
 the backends observe them on the pods and report them with the state (`PodDisruption`).
+
+A pod that never starts (an image that cannot be pulled, a missing Secret key, no node that fits,
+a quota that refuses the pod) does not fail either: Kubernetes keeps it ``Pending``, so neither
+``backoffLimit`` nor a pod failure policy ever applies. The Kubernetes backend watches for that
+(`queuejob.flows.core.pods`) and says on the state what holds the pods (`StartProblem`), and
+when the wait gave up on them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 
 class JobPhase(enum.StrEnum):
@@ -84,10 +90,79 @@ class PodDisruption:
         }
 
 
+StartKind = Literal["container", "scheduling", "create", "sandbox", "waiting", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class StartProblem:
+    """What keeps pods of the Job from starting, as the wait saw it.
+
+    ``kind`` says where it was seen: a container's waiting reason (``container``: ErrImagePull,
+    ImagePullBackOff, InvalidImageName, CreateContainerConfigError, ...), the scheduler's
+    ``PodScheduled=False`` (``scheduling``: Unschedulable), the Job controller's
+    ``FailedCreate`` event (``create``: a quota, a missing service account, an admission
+    refusal), the kubelet's ``FailedCreatePodSandBox`` event (``sandbox``), a pod still waiting
+    with no error (``waiting``: ContainerCreating, a slow pull) or no pod at all (``none``).
+    ``seconds`` is how long it had lasted and ``rule`` the setting that decided, when the wait
+    gave up on it (or noted it as stuck).
+    """
+
+    reason: str
+    message: str | None = None
+    kind: StartKind = "container"
+    pods: tuple[str, ...] = ()
+    image: str | None = None
+    seconds: float = 0.0
+    rule: str | None = None
+
+    def line(self) -> str:
+        """One line: ``2 pods pending: ImagePullBackOff: Back-off pulling image "x"`` or
+        ``Job cannot create pods: FailedCreate: pods "x-" is forbidden: exceeded quota: ...``."""
+        text = f"{self.reason}: {self.message}" if self.message else self.reason
+        if self.kind == "create":
+            return f"Job cannot create pods: {text}"
+        if self.kind == "none":
+            return f"Job has no pods: {text}"
+        n = len(self.pods)
+        return f"{n} pod{'' if n == 1 else 's'} pending: {text}"
+
+    def why(self) -> str:
+        """Why the wait gave up on it (or noted it): ``for 61 s, past start_grace_seconds=60``,
+        ``no pod started within start_timeout_seconds=600``, ``InvalidImageName does not
+        resolve by waiting``."""
+        rule = self.rule or ""
+        if rule == "at once":
+            return f"{self.reason} does not resolve by waiting"
+        if rule.startswith("start_grace_seconds"):
+            return f"for {self.seconds:.0f} s, past {rule}"
+        if rule.startswith("start_timeout_seconds"):
+            return f"no pod started within {rule}"
+        return f"for {self.seconds:.0f} s"
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain dict for reports."""
+        return {
+            "reason": self.reason,
+            "message": self.message,
+            "kind": self.kind,
+            "pods": list(self.pods),
+            "image": self.image,
+            "seconds": round(self.seconds, 1),
+            "rule": self.rule,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class JobState:
-    """A Job's phase, counters and, once decided, the condition that decided it; and the pods
-    Kubernetes disrupted, as far as the backend saw them (see `PodDisruption`)."""
+    """A Job's phase, counters and, once decided, the condition that decided it; and what the
+    backend saw of its pods: those Kubernetes disrupted (`PodDisruption`), what holds pods that
+    have not started (``pending``), pods stuck while others ran (``stuck``).
+
+    ``start_failure`` is set when the wait gave up because no pod of the Job could start (the
+    Job itself is not decided: the run deletes it). ``held_open`` is set when the Job's work is
+    done (completions unset and a pod succeeded) but pods that never started keep it from
+    completing: the wait ends there too.
+    """
 
     phase: JobPhase
     counts: JobCounts
@@ -96,9 +171,20 @@ class JobState:
     message: str | None = None
     terminal: bool = False  # True once Complete/Failed are written (every pod has ended)
     disruptions: tuple[PodDisruption, ...] = ()
+    pending: StartProblem | None = None
+    start_failure: StartProblem | None = None
+    stuck: tuple[StartProblem, ...] = ()
+    held_open: bool = False
 
-    def describe(self) -> str:
-        """One line for logs: phase, reason and counts."""
+    @property
+    def settled(self) -> bool:
+        """True when the wait is over: the Job is decided, its pods cannot start, or only pods
+        that never started keep it open."""
+        return self.phase.decided or self.start_failure is not None or self.held_open
+
+    def describe(self, *, pods: bool = True) -> str:
+        """One line for logs: phase, reason and counts, and what holds pods from starting
+        (unless ``pods`` is False)."""
         c = self.counts
         head = self.phase.value if not self.reason else f"{self.phase.value} ({self.reason})"
         line = (
@@ -107,6 +193,8 @@ class JobState:
         )
         if self.disruptions:
             line += f" disrupted={len(self.disruptions)}"
+        if pods and self.pending is not None:
+            line += f"; {self.pending.line()}"
         return line
 
 

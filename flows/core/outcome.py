@@ -2,7 +2,8 @@
 
 A run whose items did not all succeed (failed, dead-lettered or left in the queue) ends Failed,
 unless their number is within ``max_failed_items``: a count (``3``) or a share of the items
-(``"5%"``), default 0. A Job that failed fails the run whatever its items, and so do caveat
+(``"5%"``), default 0. A Job that failed fails the run whatever its items, and so do a Job
+whose pods could not start (the run deleted it, keeping its items in the queue) and caveat
 findings under ``caveat_policy='fail'`` (the caveats of the pattern, not the items' fates).
 
 `decide` turns the ledger's counts, the Job's condition and the tolerance into an `Outcome`:
@@ -137,7 +138,7 @@ class Outcome:
     tolerated: int = 0
     allowed: int = 0
     max_failed_items: str = "0"
-    # Why Failed: "items", "job", "caveats" (empty when Completed).
+    # Why Failed: "pods", "items", "job", "caveats" (empty when Completed).
     reasons: tuple[str, ...] = ()
     rerun: str | None = None  # the command that reruns the items that did not succeed
 
@@ -171,16 +172,23 @@ def decide(
     tolerance: Tolerance,
     run_id: str,
     caveat_failures: Sequence[str] = (),
+    start_failure: str | None = None,
 ) -> Outcome:
     """The run's outcome from its items, its Job and the caveat findings the policy fails on
     (``caveat_failures``: their lines; empty under the ``warn`` policy). ``job_message``: why
-    the Job failed, added to a failed run's message."""
+    the Job failed, added to a failed run's message. ``start_failure``: what kept every pod
+    from starting, when the wait gave up on them (the run deleted the Job)."""
     by_fate = not_succeeded(summary)
     missing = sum(by_fate.values())
     allowed = tolerance.allowed(summary.expected)
     job = job_condition(job_phase, job_reason)
     items = describe_items(summary)
     rerun = f"queuejob rerun {run_id}" if missing else None
+    if start_failure is not None:
+        return _cannot_start(
+            start_failure, items=items, by_fate=by_fate, allowed=allowed, tolerance=tolerance,
+            run_id=run_id, caveat_failures=caveat_failures, missing=missing,
+        )  # fmt: skip
     reasons: list[str] = []
     if job_phase == "Failed":
         reasons.append("job")
@@ -231,6 +239,49 @@ def decide(
         state="Failed",
         headline=headline,
         job=job,
+        message=message,
+        not_succeeded=by_fate,
+        tolerated=0,
+        allowed=allowed,
+        max_failed_items=tolerance.text(),
+        reasons=tuple(reasons),
+        rerun=rerun,
+    )
+
+
+def _cannot_start(
+    start_failure: str,
+    *,
+    items: str,
+    by_fate: dict[str, int],
+    allowed: int,
+    tolerance: Tolerance,
+    run_id: str,
+    caveat_failures: Sequence[str],
+    missing: int,
+) -> Outcome:
+    """A run whose pods could not start: Failed whatever the tolerance (nothing was done)."""
+    rerun = None
+    if missing:
+        only_left = set(by_fate) == {"left"}
+        rerun = f"queuejob rerun {run_id}" + (" --fate left" if only_left else "")
+    headline = f"Failed: no pod could start; {items}"
+    message = (
+        f"{headline}: {start_failure}; the Job, its pods and its Secret were deleted, and "
+        "the items stay in the queue"
+    )
+    if rerun:
+        message += f"; `{rerun}` runs {'it' if missing == 1 else 'them'} once that is fixed"
+    reasons = ["pods"]
+    if missing > allowed:
+        reasons.append("items")
+    if caveat_failures:
+        reasons.append("caveats")
+        message += "; " + "; ".join(caveat_failures)
+    return Outcome(
+        state="Failed",
+        headline=headline,
+        job="Job deleted",
         message=message,
         not_succeeded=by_fate,
         tolerated=0,

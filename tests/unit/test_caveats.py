@@ -419,9 +419,11 @@ def test_failing_keeps_warnings_and_errors() -> None:
 
 
 def test_the_items_outcomes_are_not_caveats_for_the_policy() -> None:
-    # Failed, dead-lettered and left items, and the Job's failure, are max_failed_items's.
+    # Failed, dead-lettered and left items, the Job's failure and pods that could not start
+    # decide the run (max_failed_items, or failed whatever it allows), not the caveat policy.
     outcome_codes = {
-        Code.ITEMS_LEFT, Code.ITEMS_FAILED, Code.DEAD_LETTERS, Code.LEDGER_SHORT, Code.JOB_FAILED
+        Code.ITEMS_LEFT, Code.ITEMS_FAILED, Code.DEAD_LETTERS, Code.LEDGER_SHORT, Code.JOB_FAILED,
+        Code.PODS_CANNOT_START,
     }  # fmt: skip
     assert {c for c in Code if c.kind == "outcome"} == outcome_codes
     outcomes = [Finding(c, Severity.ERROR, "m", "a") for c in outcome_codes]

@@ -27,6 +27,7 @@ from queuejob.flows.core.errors import (
     LedgerNotFound,
     LedgerStorageError,
     PermanentError,
+    PodsCannotStart,
     PublishError,
     QueueConflict,
     QueueJobError,
@@ -63,6 +64,7 @@ MEANING: dict[type[QueueJobError], tuple[type[QueueJobError], bool]] = {
     RunFailed: (PermanentError, False),
     ItemsFailed: (RunFailed, False),
     JobFailed: (RunFailed, False),
+    PodsCannotStart: (RunFailed, False),
     CaveatViolation: (RunFailed, False),
 }
 

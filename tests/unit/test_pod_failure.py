@@ -304,7 +304,9 @@ EVICTED = {
 
 def test_tracker_lists_disrupted_pods_once_and_whether_they_counted() -> None:
     tracker = PodTracker(RECORDED)
+    tracker.observe(_pod("a", "Running", [{"type": "Ready", "status": "True"}]))  # a new pod
     assert not tracker.observe(_pod("a", "Running", [{"type": "Ready", "status": "True"}]))
+    assert not tracker.disruptions
     assert tracker.observe(_pod("a", "Running", [EVICTED]))
     assert not tracker.observe(_pod("a", "Running", [EVICTED]))
     assert tracker.observe(_pod("b", "Failed", [EVICTED], code=143))
