@@ -169,6 +169,23 @@ class WorkQueueJobTemplate(Block):
         "limit. A --call function cannot be stopped: its pod exits and is replaced. Empty: no "
         "limit.",
     )
+    start_grace_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="A start error of the worker pods (an image that cannot be pulled, a "
+        "missing Secret or key, a container the runtime refuses) that lasts this long with no "
+        "pod of the Job started fails the run: the Job, its pods and its Secret are deleted and "
+        "every item stays in the queue for a rerun. InvalidImageName and ErrImageNeverPull fail "
+        "it at once.",
+    )
+    start_timeout_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="When no pod of the Job has started after this long (no node fits, a "
+        "quota refuses the pods, a slow pull), the run fails the same way. 0: wait for the "
+        "run's timeout. Give a cluster autoscaler time to add a node.",
+    )
     pod_failure_rules: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Extra podFailurePolicy rules, as Kubernetes writes them, after queuejob's "

@@ -151,6 +151,21 @@ class JobParams(BaseModel):
         description="An item still running after this many seconds fails and is retried up to "
         "the delivery limit (a command is stopped; a --call ends its pod). Default: no limit.",
     )
+    start_grace_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=86_400,
+        description="Kubernetes: a start error (image pull, missing Secret key, container "
+        "config) lasting this long with no pod started fails the run, keeping every item in the "
+        "queue (default 60, or the template's). InvalidImageName fails it at once.",
+    )
+    start_timeout_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="Kubernetes: no pod started this long (unschedulable, a quota, a slow "
+        "pull) fails the run, keeping every item in the queue (default 600, or the template's; "
+        "0: wait for timeout_seconds).",
+    )
 
     @field_validator("completions")
     @classmethod
@@ -177,6 +192,8 @@ class JobParams(BaseModel):
             "idle_timeout_seconds": self.idle_timeout_seconds,
             "name_prefix": self.name_prefix,
             "item_timeout_seconds": self.item_timeout_seconds,
+            "start_grace_seconds": self.start_grace_seconds,
+            "start_timeout_seconds": self.start_timeout_seconds,
         }
         out: dict[str, object] = {k: v for k, v in fields.items() if v is not None}
         if self.call is not None and self.command is None:

@@ -26,6 +26,8 @@ RERUN_OVERRIDES: dict[str, tuple[str, str | None]] = {
     "deadline": ("job", "active_deadline_seconds"),
     "idle_timeout": ("job", "idle_timeout_seconds"),
     "item_timeout": ("job", "item_timeout_seconds"),
+    "start_grace": ("job", "start_grace_seconds"),
+    "start_timeout": ("job", "start_timeout_seconds"),
     "image": ("job", "image"),
     "namespace": ("job", "namespace"),
     "template_block": ("job", "template_block"),

@@ -40,13 +40,16 @@ OPTION_NAMES = {
     "job.idle_timeout_seconds": "--idle-timeout",
     "job.max_result_bytes": "--max-result-bytes",
     "job.item_timeout_seconds": "--item-timeout",
+    "job.start_grace_seconds": "--start-grace",
+    "job.start_timeout_seconds": "--start-timeout",
 }
 
 # The exit status of `queuejob run` and `queuejob rerun` (README.md has the same table).
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "every item succeeded, or those that did not are within --max-failed-items"),
-    (1, "the run failed: items beyond --max-failed-items, the Job failed, a timeout, caveat"),
-    (1, "findings under --policy fail, or the broker or the cluster failed the run"),
+    (1, "the run failed: items beyond --max-failed-items, the Job failed, its pods could not"),
+    (1, "start, a timeout, caveat findings under --policy fail, or the broker or the cluster"),
+    (1, "failed the run"),
     (2, "usage or configuration refused before anything was queued or created"),
     (130, "interrupted (Ctrl-C), once the run's Job and pods are deleted"),
     (143, "terminated (SIGTERM), once the run's Job and pods are deleted"),
@@ -165,6 +168,16 @@ def _positive_seconds(value: str) -> float:
     return x
 
 
+def _non_negative_seconds(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds (got {value})")
+    return x
+
+
 def add_debug_option(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     # On the subcommands too, so `queuejob run ... --debug` works as `queuejob --debug run ...`;
     # SUPPRESS there keeps a subcommand from resetting the top-level value.
@@ -252,6 +265,20 @@ def _add_job_group(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="S",
         help="an item running longer fails and is retried (default: no limit)",
+    )
+    job.add_argument(
+        "--start-grace",
+        type=_non_negative_seconds,
+        default=None,
+        metavar="S",
+        help="k8s: a pull/config error this long fails the run (default: 60)",
+    )
+    job.add_argument(
+        "--start-timeout",
+        type=_non_negative_seconds,
+        default=None,
+        metavar="S",
+        help="k8s: no pod started this long fails the run; 0: off (default: 600)",
     )
     job.add_argument(
         "--image",
@@ -409,6 +436,8 @@ def flow_kwargs(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
             idle_timeout_seconds=args.idle_timeout,
             max_result_bytes=getattr(args, "max_result_bytes", None),
             item_timeout_seconds=getattr(args, "item_timeout", None),
+            start_grace_seconds=getattr(args, "start_grace", None),
+            start_timeout_seconds=getattr(args, "start_timeout", None),
         )
     except ValidationError as exc:
         raise InvalidInput(f"invalid job settings: {_plain(exc, 'job')}") from None

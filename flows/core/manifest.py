@@ -195,6 +195,20 @@ class JobSpec(BaseModel):
         description="A command still running after this many seconds is stopped and its item "
         "recorded failed (retried up to the delivery limit). Empty: no limit.",
     )
+    start_grace_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="Kubernetes: a start error (an image that cannot be pulled, a missing "
+        "Secret key) that lasts this long with no pod of the Job started fails the run "
+        "(InvalidImageName and ErrImageNeverPull fail it at once).",
+    )
+    start_timeout_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="Kubernetes: no pod of the Job started this long (unschedulable, a quota, "
+        "a slow pull) fails the run. 0: wait for the run's timeout.",
+    )
     pod_failure_rules: tuple[dict[str, Any], ...] = Field(
         default=(),
         description="podFailurePolicy rules added after queuejob's own two (FailJob on the "
