@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol
 
 from queuejob.flows.core.job_status import JobState
 from queuejob.flows.core.manifest import RUN_ID_LABEL
+from queuejob.flows.core.pods import StartLimits
 
 Propagation = Literal["Background", "Foreground"]
 
@@ -82,8 +83,12 @@ class JobBackend(Protocol):
         timeout_s: float,
         on_update: ProgressCallback | None = None,
         tick_s: float = 1.0,
+        start: StartLimits | None = None,
     ) -> JobState:
-        """Block until the Job is decided (success or failure) or raise `JobTimeout`."""
+        """Block until the Job is decided (success or failure) or raise `JobTimeout`; return
+        early, the Job undecided, when its pods cannot start within the ``start`` limits
+        (`JobState.start_failure`) or only pods that never started keep it open
+        (`JobState.held_open`). A backend whose pods always start ignores ``start``."""
         ...
 
     def failure_details(self, handle: JobHandle, *, tail_lines: int = 20) -> list[PodFailure]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import queue
 import random
@@ -26,7 +25,7 @@ from queuejob.flows.adapters.kube.errors import (
     status_body,
     unreachable,
 )
-from queuejob.flows.adapters.kube.watch import Event, JobWatch, PodWatch, WatchStats
+from queuejob.flows.adapters.kube.watch import Event, EventWatch, JobWatch, PodWatch, WatchStats
 from queuejob.flows.core.backend import (
     JobHandle,
     PodFailure,
@@ -47,7 +46,7 @@ from queuejob.flows.core.errors import (
 from queuejob.flows.core.job_status import JobState, job_state
 from queuejob.flows.core.manifest import CONTAINER_NAME, RUN_ID_LABEL, run_labels, run_selector
 from queuejob.flows.core.pod_failure import IGNORE, ServerFeatures, match_pod
-from queuejob.flows.core.pods import PodTracker
+from queuejob.flows.core.pods import PodTracker, StartLimits
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +225,19 @@ class KubeBackend:
         rv = (body.get("metadata") or {}).get("resourceVersion")
         return [p for p in body.get("items") or [] if isinstance(p, dict)], str(rv) if rv else None
 
+    def _list_events(
+        self, namespace: str, field_selector: str
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The namespace's events matching a field selector and the list's resourceVersion."""
+        _, body = self._json(
+            self._core.list_namespaced_event,
+            namespace,
+            field_selector=field_selector,
+            op=KubeOp("list", "events", namespace),
+        )
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        return [e for e in body.get("items") or [] if isinstance(e, dict)], str(rv) if rv else None
+
     def server_features(self) -> ServerFeatures:
         """Which of the Job's failure fields this API server keeps, from its ``/version`` (read
         once per backend). A server that does not say is taken for a current one: an older
@@ -394,23 +406,32 @@ class KubeBackend:
         timeout_s: float,
         on_update: ProgressCallback | None = None,
         tick_s: float = 1.0,
+        start: StartLimits | None = None,
     ) -> JobState:
         """Block until the Job is decided, calling ``on_update`` on every change and every tick.
 
         Returns as soon as a decisive condition is written (the interim ``SuccessCriteriaMet`` /
         ``FailureTarget`` count). Raises `JobTimeout` after ``timeout_s`` seconds,
         `KubeNotFound` when the Job is deleted meanwhile, and whatever ``on_update`` raises.
-        Beside the Job, its pods are watched for what the Job's status does not say (the pods
-        Kubernetes disrupted: `JobState.disruptions`); that watch failing (a Role without
-        ``watch`` on pods) is logged and does not end the wait. The watch threads are stopped
-        before this returns or raises.
+
+        Beside the Job, its pods and its events are watched for what the Job's status does not
+        say (`PodTracker`): the pods Kubernetes disrupted (`JobState.disruptions`), and pods that
+        cannot start. The state names what holds them (`JobState.pending`), and the wait
+        returns, the Job undecided, once the ``start`` limits give up on them
+        (`JobState.start_failure`: the caller deletes the Job) or when only pods that never
+        started keep a Job whose work is done open (`JobState.held_open`). A failing pod or
+        event watch (a Role without ``watch`` on pods, or without ``list``/``watch`` on events)
+        is logged once and does not end the wait. The watch threads are stopped before this
+        returns or raises.
         """
-        deadline = time.monotonic() + timeout_s
+        now = time.monotonic()
+        deadline = now + timeout_s
         job, rv = self._list_job(handle)
         if job is None:
             raise self._gone(handle)
-        pods = PodTracker((job.get("spec") or {}).get("podFailurePolicy"))
-        state = job_state(job)
+        tracker = PodTracker.for_job(job, limits=start or StartLimits(), now=now)
+        base = job_state(job)
+        state = tracker.apply(base, now)
         if on_update is not None:
             on_update(state)
         last_notice = time.monotonic()
@@ -419,12 +440,19 @@ class KubeBackend:
             return state
 
         events: queue.Queue[Event] = queue.Queue()
+        kw: dict[str, Any] = {"resource_version": None, "deadline": deadline, "out": events}
         watch = JobWatch(self, handle, resource_version=rv, deadline=deadline, out=events)
-        pod_watch = PodWatch(self, handle, resource_version=None, deadline=deadline, out=events)
-        self._last_watch = watch
-        watch.start()
+        watches: list[Any] = [watch]
         if handle.uid:
-            pod_watch.start()
+            watches += [
+                PodWatch(self, handle, **kw),
+                EventWatch.of_job(self, handle, **kw),
+                EventWatch.of_sandboxes(self, handle, **kw),
+            ]
+        self._last_watch = watch
+        for w in watches:
+            w.start()
+        events_logged = False
         try:
             while True:
                 now = time.monotonic()
@@ -433,39 +461,64 @@ class KubeBackend:
                 try:
                     event = events.get(timeout=max(0.0, min(last_notice + tick_s, deadline) - now))
                 except queue.Empty:
+                    new = tracker.apply(base, time.monotonic())
+                    if new != state:
+                        state = new
                     if on_update is not None and time.monotonic() < deadline:
                         on_update(state)  # heartbeat: lets the caller poll the broker
                     last_notice = time.monotonic()
+                    if state.settled:
+                        return state
                     continue
+                now = time.monotonic()
                 if event.pod_error is not None:
+                    tracker.pods_readable = False
                     log.warning(
                         "stopped watching the pods of Job %s (%s); pods that Kubernetes "
-                        "disrupts are not listed in the report",
+                        "disrupts are not listed in the report, and pods that cannot start are "
+                        "found only when start_timeout_seconds runs out",
                         handle.name,
                         event.pod_error,
                     )
                     continue
+                if event.event_error is not None:
+                    tracker.events_readable = False
+                    if not events_logged:
+                        events_logged = True
+                        log.warning(
+                            "not watching the events of Job %s (%s): a pod the Job controller "
+                            "cannot create (a quota, a missing service account) shows only as "
+                            "no pod, until start_timeout_seconds runs out",
+                            handle.name,
+                            event.event_error,
+                        )
+                    continue
                 if event.pod is not None:
-                    if not pods.observe(event.pod):
+                    if not tracker.observe(event.pod, now=now, deleted=event.pod_deleted):
                         continue
-                    new = dataclasses.replace(state, disruptions=pods.disruptions)
+                elif event.pods_listed is not None:
+                    tracker.retain(event.pods_listed)
+                elif event.event is not None:
+                    if not tracker.observe_event(event.event, now=now):
+                        continue
                 elif event.error is not None:
                     raise event.error
                 elif event.deleted or event.job is None:
                     raise self._gone(handle)
                 else:
-                    new = dataclasses.replace(job_state(event.job), disruptions=pods.disruptions)
+                    base = job_state(event.job)
+                new = tracker.apply(base, now)
                 if new != state:
                     state = new
                     if on_update is not None:
                         on_update(state)
                     last_notice = time.monotonic()
-                if state.phase.decided:
+                if state.settled:
                     return state
         finally:
-            for w in (watch, pod_watch):
+            for w in watches:
                 w.stop()
-            for w in (watch, pod_watch):
+            for w in watches:
                 if w.is_alive():
                     w.join(timeout=self.request_timeout_s + 1.0)
                 if w.is_alive():  # pragma: no cover - a request that ignores its own timeout

@@ -1,9 +1,11 @@
 """The watches of a wait: background threads that list, watch, resume and re-list.
 
 `JobWatch` follows the Job itself (its status decides the wait); `PodWatch` follows the Job's
-pods (what the Job's status does not say: pods Kubernetes disrupted). Both share the loop of
-`_Watch`: a list for a resourceVersion, watches with ``timeoutSeconds`` resumed from the last
-resourceVersion seen, a re-list on 410 Gone, reconnects with back-off when a stream drops.
+pods (what the Job's status does not say: pods Kubernetes disrupted, pods that cannot start);
+`EventWatch` follows the Job's events (``FailedCreate``: pods the Job controller cannot create)
+and its pods' ``FailedCreatePodSandBox``. All share the loop of `_Watch`: a list for a
+resourceVersion, watches with ``timeoutSeconds`` resumed from the last resourceVersion seen, a
+re-list on 410 Gone, reconnects with back-off when a stream drops.
 """
 
 from __future__ import annotations
@@ -62,14 +64,19 @@ class WatchStats:
 @dataclass(frozen=True, slots=True)
 class Event:
     """What a watch thread hands to the waiting thread: a version of the Job (or its deletion,
-    or the error that ended the Job's watch), or a version of one of its pods (or the error that
-    ended the pods' watch, which the wait survives)."""
+    or the error that ended the Job's watch), a version of one of its pods (``pod_deleted`` for
+    its deletion; ``pods_listed``: the uids a re-list found), one of its events, or the error
+    that ended the pods' or the events' watch (which the wait survives)."""
 
     job: dict[str, Any] | None = None
     deleted: bool = False
     error: BaseException | None = None
     pod: dict[str, Any] | None = None
+    pod_deleted: bool = False
+    pods_listed: tuple[str, ...] | None = None
     pod_error: BaseException | None = None
+    event: dict[str, Any] | None = None
+    event_error: BaseException | None = None
 
 
 class _Watch(threading.Thread):
@@ -322,6 +329,8 @@ class PodWatch(_Watch):
         pods, self._rv = self._backend._list_pods(self._handle.namespace, self._selector())
         for pod in pods:
             self._out.put(Event(pod=pod))
+        uids = tuple(str((p.get("metadata") or {}).get("uid")) for p in pods)
+        self._out.put(Event(pods_listed=uids))
         return True
 
     def _open(self, timeout: int, read_timeout: float) -> Any:
@@ -339,7 +348,61 @@ class PodWatch(_Watch):
 
     def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
         if kind in ("ADDED", "MODIFIED", "DELETED"):
-            self._out.put(Event(pod=obj))
+            self._out.put(Event(pod=obj, pod_deleted=kind == "DELETED"))
+        return True
+
+
+class EventWatch(_Watch):
+    """Watches core/v1 Events in the Job's namespace that match a field selector, and puts each
+    on the queue. Its failure (a Role without ``list``/``watch`` on events) does not end the
+    wait (`Event.event_error`): the pods tell the rest."""
+
+    resource = "events"
+
+    def __init__(self, *args: Any, field_selector: str, **kwargs: Any) -> None:
+        self.field_selector = field_selector
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def of_job(cls, backend: KubeBackend, handle: JobHandle, **kwargs: Any) -> EventWatch:
+        """The Job's own events (``FailedCreate``, ``SuccessfulCreate``, ...)."""
+        return cls(backend, handle, field_selector=f"involvedObject.uid={handle.uid}", **kwargs)
+
+    @classmethod
+    def of_sandboxes(cls, backend: KubeBackend, handle: JobHandle, **kwargs: Any) -> EventWatch:
+        """The namespace's ``FailedCreatePodSandBox`` events (a kubelet's, on a pod): the
+        tracker keeps those of the Job's pods."""
+        selector = "involvedObject.kind=Pod,reason=FailedCreatePodSandBox"
+        return cls(backend, handle, field_selector=selector, **kwargs)
+
+    def _op(self) -> KubeOp:
+        return KubeOp("watch", "events", self._handle.namespace)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._out.put(Event(event_error=exc))
+
+    def _relist(self) -> bool:
+        events, self._rv = self._backend._list_events(self._handle.namespace, self.field_selector)
+        for event in events:
+            self._out.put(Event(event=event))
+        return True
+
+    def _open(self, timeout: int, read_timeout: float) -> Any:
+        backend, h = self._backend, self._handle
+        return backend._core.list_namespaced_event(
+            h.namespace,
+            field_selector=self.field_selector,
+            resource_version=self._rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            watch=True,
+            _preload_content=False,
+            _request_timeout=(backend.request_timeout_s, read_timeout),
+        )
+
+    def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
+        if kind in ("ADDED", "MODIFIED"):  # a DELETED event has expired: nothing new
+            self._out.put(Event(event=obj))
         return True
 
 

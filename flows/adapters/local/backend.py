@@ -52,6 +52,7 @@ from queuejob.flows.core.errors import (
 from queuejob.flows.core.job_status import JobState, PodDisruption, job_state
 from queuejob.flows.core.manifest import RUN_ID_LABEL, check_dns1123_label, run_labels
 from queuejob.flows.core.pod_failure import disruption_of
+from queuejob.flows.core.pods import StartLimits
 
 # --- the backend ----------------------------------------------------------------------------------
 
@@ -347,21 +348,25 @@ class LocalBackend:
         timeout_s: float,
         on_update: ProgressCallback | None = None,
         tick_s: float = 1.0,
+        start: StartLimits | None = None,
     ) -> JobState:
         """Block until the Job is decided, calling ``on_update`` on every change and every tick.
 
         Returns as soon as a decisive condition is written (the interim ``SuccessCriteriaMet`` /
         ``FailureTarget`` count). Raises `JobTimeout` after ``timeout_s`` seconds, `KubeNotFound`
         when the Job is deleted meanwhile, and whatever ``on_update`` raises. A supervisor found
-        dead before the Job finished is replaced.
+        dead before the Job finished is replaced. ``start`` is accepted and not used: a local
+        pod is a process, which starts (a pod that cannot, such as one naming a missing
+        Secret, fails at once and counts toward backoffLimit).
         """
         paths = self._paths(handle.namespace, handle.name)
-        start = time.monotonic()
-        deadline = start + timeout_s
+        del start
+        began = time.monotonic()
+        deadline = began + timeout_s
         last_sig: tuple[int, int, int] | None = None
         state: JobState | None = None
         last_notice = 0.0
-        last_check = start
+        last_check = began
         while True:
             try:
                 st = paths.job.stat()
