@@ -24,8 +24,12 @@ def shell_run(
     namespace: str = "default",
     active_deadline_seconds: int | None = None,
     features: ServerFeatures = ServerFeatures(),  # noqa: B008 - frozen
+    image: str = IMAGE,
+    **spec_fields: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Secret, Job) for a run whose pods run ``sh -c script`` instead of the queuejob worker."""
+    """(Secret, Job) for a run whose pods run ``sh -c script`` instead of the queuejob worker;
+    ``spec_fields`` are further `JobSpec` fields (``node_selector``, ``service_account``, ...).
+    The image is set after the spec is checked, so a test can give one the kubelet refuses."""
     spec = JobSpec(
         image=IMAGE,
         command=("true",),
@@ -33,6 +37,7 @@ def shell_run(
         parallelism=parallelism,
         backoff_limit=backoff_limit,
         active_deadline_seconds=active_deadline_seconds,
+        **spec_fields,
     )
     job = build_job(
         spec,
@@ -42,7 +47,9 @@ def shell_run(
         confirmed_items=completions,
         features=features,
     )
-    job["spec"]["template"]["spec"]["containers"][0]["command"] = ["sh", "-c", script]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container["command"] = ["sh", "-c", script]
+    container["image"] = image
     name = job["metadata"]["name"]
     secret = build_secret(
         namespace=namespace, name=secret_name(name), run_id=run_id, broker_url=broker_url

@@ -30,6 +30,7 @@ from tests.fakekube.objects import (
     not_supported,
     ordered,
     required,
+    status_body,
 )
 
 CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
@@ -717,3 +718,48 @@ __all__ = [
     "prepare_secret_update",
     "validate_job",
 ]
+
+
+# --- events and quotas -----------------------------------------------------------------------
+
+
+def prepare_event_create(event: Obj) -> None:
+    """An Event needs the object it is about, in its own namespace (as core/v1 validation)."""
+    causes = validate_object_meta(event["metadata"])
+    inv = event.get("involvedObject") or {}
+    if inv.get("namespace") and inv.get("namespace") != event["metadata"].get("namespace"):
+        causes.append(
+            invalid_value(
+                "involvedObject.namespace",
+                inv.get("namespace"),
+                "does not match event.namespace",
+            )
+        )
+    if causes:
+        raise invalid(RESOURCES["events"], event["metadata"].get("name", ""), causes)
+
+
+def prepare_event_update(old: Obj, new: Obj) -> Obj:
+    """Events are updated whole (a recorder's count and lastTimestamp)."""
+    out = copy.deepcopy(new)
+    prepare_event_create(out)
+    return out
+
+
+def check_pod_quota(pods_now: list[Obj], pod: Obj, quota: tuple[str, int]) -> None:
+    """ResourceQuota admission for ``pods``: a pod beyond ``quota`` (name, hard limit on
+    non-terminal pods in the namespace) is refused, 403 as the real plugin words it (naming
+    the generateName: the name is generated after admission)."""
+    name, hard = quota
+    used = sum(
+        1 for p in pods_now if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+    )
+    if used + 1 <= hard:
+        return
+    meta = pod.get("metadata") or {}
+    shown = meta.get("name") or meta.get("generateName") or "Unknown"
+    message = (
+        f'pods "{shown}" is forbidden: exceeded quota: {name}, requested: pods=1, used: '
+        f"pods={used}, limited: pods={hard}"
+    )
+    raise ApiError(403, status_body(403, "Forbidden", message, {"name": shown, "kind": "pods"}))

@@ -20,7 +20,12 @@ The Job controller follows the 1.32 controller's observable behaviour (see the t
   grows); ``Count`` or no match counts it. With a policy, or ``podReplacementPolicy: Failed``, a
   deleted pod counts only once it is Failed, and no replacement starts while it terminates;
 - ``active``, ``succeeded`` and ``failed`` are omitted when 0; ``terminating``,
-  ``uncountedTerminatedPods`` and ``ready`` are always written.
+  ``uncountedTerminatedPods`` and ``ready`` are always written;
+- each pod it creates gets a ``SuccessfulCreate`` event on the Job (``Created pod: <name>``);
+  a pod the API refuses (a ResourceQuota, ``FakeKubeServer.limit_pods``) a ``FailedCreate``
+  Warning (``Error creating: <the refusal>``), repeated ones counted on the same event as a
+  recorder aggregates them, and the Job is synced again after a back-off (base doubling up to
+  the max, as the controller's rate-limited queue does).
 
 The garbage collector deletes dependents whose owner is gone (Background), deletes them and then
 the owner for ``foregroundDeletion``, and strips ownerReferences for ``orphan``.
@@ -36,7 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tests.fakekube.admission import pod_from_template, prepare_pod_create
+from tests.fakekube.admission import (
+    check_pod_quota,
+    pod_from_template,
+    prepare_event_create,
+    prepare_pod_create,
+)
 from tests.fakekube.objects import (
     FOREGROUND_FINALIZER,
     JOB_TRACKING_FINALIZER,
@@ -71,6 +81,8 @@ class _JobMemory:
     last_failure_mono: float = 0.0
     finished_mono: float | None = None
     fail_job: str | None = None  # the message of the first pod that matched a FailJob rule
+    create_failures: int = 0  # pod creations refused in a row (their back-off)
+    create_retry_mono: float = 0.0
 
 
 def _has_finalizer(pod: Obj) -> bool:
@@ -181,12 +193,19 @@ class Controllers:
         self._memory: dict[str, _JobMemory] = {}
         self._timers: dict[str, float] = {}  # job uid -> monotonic time it wants a sync
         self._gc_seen: dict[str, float] = {}  # owner uid -> when the collector first saw it
+        # namespace -> (quota name, pods allowed): ResourceQuota admission for pods.
+        self.pod_quotas: dict[str, tuple[str, int]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         store.add_listener(self._on_event)
 
-    def _on_event(self, _resource: str, _event: Event) -> None:
+    def _on_event(self, resource: str, _event: Event) -> None:
+        if resource != "events":  # its own event writes must not wake it again
+            self._wake.set()
+
+    def wake(self) -> None:
+        """Sync again now (a quota changed)."""
         self._wake.set()
 
     def start(self) -> None:
@@ -434,14 +453,16 @@ class Controllers:
                 # Replacements wait until terminating pods are fully gone.
                 to_create -= sum(1 for p in pods if _is_terminating(p))
             if to_create > 0:
-                ready_at = self._backoff_ready_at(mem)
+                ready_at = max(self._backoff_ready_at(mem), mem.create_retry_mono)
                 if ready_at > now:
                     self._later(uid, ready_at)
                 else:
                     for _ in range(to_create):
-                        created = self._create_pod(job)
-                        if created is not None:
-                            active.append(created)
+                        created = self._create_pod(job, mem)
+                        if created is None:
+                            self._later(uid, mem.create_retry_mono)
+                            break
+                        active.append(created)
             elif missing < 0:
                 for pod in sorted(
                     active, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True
@@ -525,13 +546,81 @@ class Controllers:
         delay = min(self.backoff_base_s * float(2 ** (n - 1)), self.backoff_max_s)
         return mem.last_failure_mono + delay
 
-    def _create_pod(self, job: Obj) -> Obj | None:
+    def _create_pod(self, job: Obj, mem: _JobMemory) -> Obj | None:
+        pod = pod_from_template(job)
+        namespace = job["metadata"]["namespace"]
         try:
-            return self.store.create(
-                "pods", pod_from_template(job), prepare=prepare_pod_create, manager=MANAGER
+            quota = self.pod_quotas.get(namespace)
+            if quota is not None:
+                check_pod_quota(self.store.items("pods", namespace), pod, quota)
+            created = self.store.create("pods", pod, prepare=prepare_pod_create, manager=MANAGER)
+        except ApiError as exc:
+            mem.create_failures += 1
+            delay = min(
+                self.backoff_base_s * float(2 ** (mem.create_failures - 1)), self.backoff_max_s
             )
-        except ApiError:
+            mem.create_retry_mono = time.monotonic() + delay
+            message = (
+                str(exc.body.get("message") or exc) if isinstance(exc.body, dict) else str(exc)
+            )
+            self._record(job, "Warning", "FailedCreate", f"Error creating: {message}")
             return None
+        mem.create_failures = 0
+        mem.create_retry_mono = 0.0
+        self._record(
+            job, "Normal", "SuccessfulCreate", f"Created pod: {created['metadata']['name']}"
+        )
+        return created
+
+    def _record(self, job: Obj, type_: str, reason: str, message: str) -> None:
+        """An event on the Job, as the controller's recorder writes it: a repeat of the same
+        event raises its count and lastTimestamp."""
+        meta = job["metadata"]
+        namespace = meta["namespace"]
+        for old in self.store.items("events", namespace):
+            inv = old.get("involvedObject") or {}
+            if (inv.get("uid"), old.get("reason"), old.get("message"), old.get("type")) == (
+                meta["uid"],
+                reason,
+                message,
+                type_,
+            ):
+
+                def bump(draft: Obj) -> None:
+                    draft["count"] = int(draft.get("count") or 1) + 1
+                    draft["lastTimestamp"] = now_str()
+
+                with contextlib.suppress(ApiError):
+                    self.store.update(
+                        "events", namespace, old["metadata"]["name"], bump, manager=MANAGER
+                    )
+                return
+        now = now_str()
+        event: Obj = {
+            "kind": "Event",
+            "apiVersion": "v1",
+            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": namespace},
+            "involvedObject": {
+                "kind": "Job",
+                "namespace": namespace,
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "apiVersion": "batch/v1",
+                "resourceVersion": meta.get("resourceVersion", ""),
+            },
+            "reason": reason,
+            "message": message,
+            "source": {"component": "job-controller"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "type": type_,
+            "eventTime": None,
+            "reportingComponent": "job-controller",
+            "reportingInstance": "",
+        }
+        with contextlib.suppress(ApiError):
+            self.store.create("events", event, prepare=prepare_event_create, manager=MANAGER)
 
     def _ttl(self, job: Obj, mem: _JobMemory) -> None:
         ttl = (job.get("spec") or {}).get("ttlSecondsAfterFinished")

@@ -57,6 +57,15 @@ CORE_V1: dict[str, Any] = {
     "groupVersion": "v1",
     "resources": [
         {
+            "name": "events",
+            "singularName": "event",
+            "namespaced": True,
+            "kind": "Event",
+            "verbs": _ALL_VERBS,
+            "shortNames": ["ev"],
+            "storageVersionHash": "r2yiGXH7wu8=",
+        },
+        {
             "name": "namespaces",
             "singularName": "namespace",
             "namespaced": False,

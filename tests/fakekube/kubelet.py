@@ -6,6 +6,15 @@ values, ``secretKeyRef``, ``fieldRef``) and keeps the container's output as the 
 Its status writes replace only the conditions a kubelet owns; others (``DisruptionTarget``,
 which the Eviction API adds) are kept, as a real kubelet keeps them.
 
+Pods that do not start wait as a real node and scheduler leave them, phase ``Pending``: a pod
+whose ``nodeSelector`` matches none of the node's labels is not bound, and gets the scheduler's
+``PodScheduled=False`` (reason ``Unschedulable``); an image reference the runtime cannot parse
+waits in ``InvalidImageName``; an image a `tests.images.PullFailure` rule names goes
+``ErrImagePull`` then ``ImagePullBackOff``, with a kubelet's doubling back-off (or
+``ErrImageNeverPull`` under ``imagePullPolicy: Never``), until the rule lets the pull succeed; a
+Secret or key the env names that does not exist waits in ``CreateContainerConfigError``, retried
+every second.
+
 A pod's process runs in its own session, so deleting the pod (or stopping the server) can kill the
 whole process group: SIGTERM, then SIGKILL after a short grace. When a pod's main process ends,
 whatever it left in its group is killed too, as a container's processes die with it.
@@ -27,14 +36,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from tests.fakekube.objects import (
+    NODE_LABELS,
     NODE_NAME,
     ORDER_POD_STATUS,
+    UNSCHEDULABLE_MESSAGE,
     ApiError,
     Obj,
     now_str,
     ordered,
 )
 from tests.fakekube.store import Event, Store
+from tests.images import Puller
 
 # Environment a pod process inherits from the test process: enough to run Python and a shell,
 # nothing that would leak the test's own configuration into the "container".
@@ -89,10 +101,18 @@ class EnvError(Exception):
 class Kubelet:
     """Runs the pods bound to ``fake-node`` as local processes."""
 
-    def __init__(self, store: Store, workdir: Path, *, kill_grace_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        workdir: Path,
+        *,
+        kill_grace_s: float = 2.0,
+        puller: Puller | None = None,
+    ) -> None:
         self.store = store
         self.workdir = workdir
         self.kill_grace_s = kill_grace_s
+        self.puller = puller or Puller()
         self._procs: dict[str, PodProcess] = {}
         self._retry_at: dict[str, float] = {}
         self._wake = threading.Event()
@@ -185,6 +205,9 @@ class Kubelet:
     def _sync_all(self) -> None:
         pods = self.store.items("pods")
         live = {p["metadata"]["uid"] for p in pods}
+        for uid in [u for u in self._retry_at if u not in live]:
+            del self._retry_at[uid]
+            self.puller.forget(uid)
         with self._lock:
             orphans = [r for u, r in self._procs.items() if u not in live and r.running()]
         for rec in orphans:
@@ -233,10 +256,63 @@ class Kubelet:
         retry = self._retry_at.get(uid)
         if retry is not None and time.monotonic() < retry:
             return
+        container = (spec.get("containers") or [{}])[0]
+        pull = self.puller.state(
+            uid,
+            str(container.get("image") or ""),
+            container.get("imagePullPolicy"),
+            time.monotonic(),
+        )
+        if not pull.ready:
+            # No wake-up: the state cannot change by itself (InvalidImageName, ErrImageNeverPull);
+            # the pod is looked at again on the next change anyway.
+            self._retry_at[uid] = (
+                pull.wake_at if pull.wake_at is not None else time.monotonic() + 3600
+            )
+            self._write_waiting(pod, container, str(pull.reason), str(pull.message))
+            return
         self._start(pod)
+
+    def _unschedulable(self, pod: Obj) -> None:
+        """The scheduler's answer for a pod no node fits: not bound, ``PodScheduled=False``."""
+        meta = pod["metadata"]
+
+        def mark(draft: Obj) -> None:
+            status = dict(draft.get("status") or {})
+            old = [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"]
+            if old and old[0].get("reason") == "Unschedulable":
+                return  # written once; the scheduler retries only when a node changes
+            status["phase"] = "Pending"
+            status["conditions"] = [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "lastProbeTime": None,
+                    "lastTransitionTime": now_str(),
+                    "reason": "Unschedulable",
+                    "message": UNSCHEDULABLE_MESSAGE,
+                },
+                *[c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"],
+            ]
+            draft["status"] = ordered(status, ORDER_POD_STATUS)
+
+        with contextlib.suppress(ApiError):
+            self.store.update(
+                "pods",
+                meta["namespace"],
+                meta["name"],
+                mark,
+                expect_uid=meta["uid"],
+                manager="kube-scheduler",
+                subresource="status",
+            )
 
     def _bind(self, pod: Obj) -> Obj | None:
         meta = pod["metadata"]
+        selector = (pod.get("spec") or {}).get("nodeSelector") or {}
+        if any(NODE_LABELS.get(k) != v for k, v in selector.items()):
+            self._unschedulable(pod)
+            return None
 
         def bind(draft: Obj) -> None:
             draft["spec"]["nodeName"] = NODE_NAME

@@ -27,6 +27,17 @@ ORPHAN_WARNING = (
     'this warning"'
 )
 NODE_NAME = "fake-node"
+# The node's labels, as a kubelet registers them: what a pod's nodeSelector is matched against.
+NODE_LABELS = {
+    "kubernetes.io/hostname": NODE_NAME,
+    "kubernetes.io/os": "linux",
+    "kubernetes.io/arch": "amd64",
+}
+# The scheduler's message for a pod whose nodeSelector matches no node (1.32, one node).
+UNSCHEDULABLE_MESSAGE = (
+    "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. "
+    "preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,7 @@ RESOURCES: dict[str, Resource] = {
     "secrets": Resource("secrets", "Secret", "", "v1", namespaced=True),
     "pods": Resource("pods", "Pod", "", "v1", namespaced=True, returns_deleted_object=True),
     "jobs": Resource("jobs", "Job", "batch", "v1", namespaced=True, has_generation=True),
+    "events": Resource("events", "Event", "", "v1", namespaced=True),
 }
 
 

@@ -118,6 +118,27 @@ _FIELDS: dict[str, dict[str, Callable[[Obj], Any]]] = {
     "secrets": {"type": _secret_type},
     "jobs": {"status.successful": _job_successful},
     "namespaces": {"status.phase": _namespace_phase},
+    # The fields core/v1 Events are selectable by (pkg/registry/core/event/strategy.go).
+    "events": {
+        **{
+            f"involvedObject.{key}": (lambda k: lambda o: (o.get("involvedObject") or {}).get(k))(
+                key
+            )
+            for key in (
+                "kind",
+                "namespace",
+                "name",
+                "uid",
+                "apiVersion",
+                "resourceVersion",
+                "fieldPath",
+            )
+        },
+        "reason": lambda o: o.get("reason"),
+        "reportingComponent": lambda o: o.get("reportingComponent"),
+        "source": lambda o: (o.get("source") or {}).get("component"),
+        "type": lambda o: o.get("type"),
+    },
 }
 
 

@@ -31,6 +31,9 @@ import yaml
 from tests.fakekube import discovery
 from tests.fakekube.admission import (
     check_kind,
+    check_pod_quota,
+    prepare_event_create,
+    prepare_event_update,
     prepare_job_create,
     prepare_job_update,
     prepare_namespace_create,
@@ -65,6 +68,7 @@ from tests.fakekube.objects import (
 from tests.fakekube.patch import PATCH_TYPES, apply_patch
 from tests.fakekube.selectors import parse_field_selector, parse_label_selector
 from tests.fakekube.store import Event, Store, Subscription, TooOld
+from tests.images import Puller, PullFailure
 
 ADMIN_USER = "kubernetes-admin"
 ANONYMOUS_USER = "system:anonymous"
@@ -73,7 +77,7 @@ _PRIORITYLEVEL_UID = "1b416a7e-1c76-4f22-b9ea-147e95f3c9bf"
 _PUBLIC_PATHS = ("/version", "/healthz", "/livez", "/readyz")
 _TRUE = ("1", "t", "T", "TRUE", "true", "True")
 _FALSE = ("0", "f", "F", "FALSE", "false", "False")
-_GROUP_RESOURCES = {"": ("namespaces", "secrets", "pods"), "batch": ("jobs",)}
+_GROUP_RESOURCES = {"": ("namespaces", "secrets", "pods", "events"), "batch": ("jobs",)}
 _SUBRESOURCES = {
     "pods": ("log", "status", "eviction"),
     "jobs": ("status",),
@@ -193,12 +197,15 @@ class FakeKubeServer:
     ``namespaces`` exist from the start; ``watch_cache_size`` events per resource are kept for
     watches from a resourceVersion (older ones get 410 Expired); ``kill_grace_s`` caps the wait
     between SIGTERM and SIGKILL of a deleted pod's processes; ``gc_delay_s`` is how long the
-    garbage collector waits before acting on a deletion.
+    garbage collector waits before acting on a deletion; ``pull_failures`` are the images the
+    node cannot pull (`tests.images.PullFailure`), with a first back-off of ``pull_backoff_s``
+    between attempts (a kubelet's is 10 s).
 
     Test hooks: ``fail_next``, ``drop_watches``, ``gone_next_watch``, ``open_watches``,
-    ``add_service_account``; inspection: ``get_object``, ``list_objects``, ``pod_processes``,
-    ``pod_log``. The bookmark timing of watches is tunable through ``bookmark_before_close_s``,
-    ``bookmark_min_timeout_s`` and ``bookmark_interval_s``.
+    ``add_service_account``, ``limit_pods`` (a ResourceQuota on pods); inspection:
+    ``get_object``, ``list_objects``, ``pod_processes``, ``pod_log``. The bookmark timing of
+    watches is tunable through ``bookmark_before_close_s``, ``bookmark_min_timeout_s`` and
+    ``bookmark_interval_s``.
     """
 
     def __init__(
@@ -212,6 +219,8 @@ class FakeKubeServer:
         watch_cache_size: int = 1000,
         kill_grace_s: float = 2.0,
         gc_delay_s: float = 0.1,
+        pull_failures: Iterable[PullFailure] = (),
+        pull_backoff_s: float = 10.0,
     ) -> None:
         self.token = token
         self.store = Store(watch_cache_size=watch_cache_size)
@@ -224,7 +233,12 @@ class FakeKubeServer:
         self._streams: set[_Stream] = set()
         self._stopping = threading.Event()
         self._workdir = Path(tempfile.mkdtemp(prefix="fakekube-"))
-        self.kubelet = Kubelet(self.store, self._workdir / "pods", kill_grace_s=kill_grace_s)
+        self.kubelet = Kubelet(
+            self.store,
+            self._workdir / "pods",
+            kill_grace_s=kill_grace_s,
+            puller=Puller(tuple(pull_failures), backoff_s=pull_backoff_s),
+        )
         self.controllers = Controllers(
             self.store,
             backoff_base_s=backoff_base_s,
@@ -327,6 +341,16 @@ class FakeKubeServer:
         resource. Everything else gets the RBAC 403 body.
         """
         self._accounts[token] = _User(user, allow=frozenset(allow))
+
+    def limit_pods(self, namespace: str, pods: int | None, *, name: str = "pods-quota") -> None:
+        """A ResourceQuota ``name`` allowing ``pods`` non-terminal pods in ``namespace`` (None
+        lifts it): pods beyond it are refused with the quota plugin's 403, so the Job
+        controller records ``FailedCreate`` events, as a real one does."""
+        if pods is None:
+            self.controllers.pod_quotas.pop(namespace, None)
+        else:
+            self.controllers.pod_quotas[namespace] = (name, pods)
+        self.controllers.wake()
 
     # --- fault injection -------------------------------------------------------------------------
 
@@ -617,8 +641,12 @@ class FakeKubeServer:
             "pods": prepare_pod_create,
             "secrets": prepare_secret_create,
             "namespaces": prepare_namespace_create,
+            "events": prepare_event_create,
         }[res.plural]
         dry_run = "dryRun" in req.query
+        quota = self.controllers.pod_quotas.get(req.namespace)
+        if res.plural == "pods" and quota is not None:
+            check_pod_quota(self.store.items("pods", req.namespace), obj, quota)
         return self.store.create(
             res.plural,
             ordered(obj, ORDER_TOP),
@@ -729,7 +757,7 @@ class FakeKubeServer:
         """What the namespace controller does before a Namespace goes: delete what is in it."""
         if not self.store.namespace_exists(namespace):
             return
-        for plural in ("jobs", "pods", "secrets"):
+        for plural in ("jobs", "pods", "secrets", "events"):
             for obj in list(self.store.items(plural, namespace)):
                 meta = obj["metadata"]
                 with contextlib.suppress(ApiError):
@@ -1041,6 +1069,8 @@ def _apply_update(res: Resource, subresource: str | None, old: Obj, new: Obj) ->
         return prepare_pod_update(old, merged)
     if res.plural == "secrets":
         return prepare_secret_update(old, merged)
+    if res.plural == "events":
+        return prepare_event_update(old, merged)
     out = dict(old)
     out["metadata"] = meta
     return out
@@ -1172,6 +1202,7 @@ _BLUEPRINT_SKELETON = {
     "pods": {"spec": {"containers": None}, "status": {}},
     "namespaces": {"spec": {}, "status": {}},
     "secrets": {},
+    "events": {"involvedObject": {}, "source": {}, "firstTimestamp": None, "lastTimestamp": None},
 }
 
 
