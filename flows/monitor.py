@@ -31,7 +31,8 @@ from queuejob.flows.adapters import broker as broker_io
 from queuejob.flows.adapters.ledger_store import RunLedger
 from queuejob.flows.core import caveats
 from queuejob.flows.core.errors import BrokerUnavailable, LedgerStorageError
-from queuejob.flows.core.job_status import JobState
+from queuejob.flows.core.job_status import JobState, StartProblem
+from queuejob.flows.core.pods import PULL_REASONS
 
 DEFAULT_MAX_UNACKED = 10_000
 # One on_update keeps taking full batches for at most this long, so a burst of records is
@@ -63,14 +64,29 @@ class Progress:
         """Done over expected, 0..1."""
         return min(1.0, self.done / self.expected) if self.expected else 1.0
 
+    @property
+    def pending(self) -> str | None:
+        """What holds pods of the Job from starting, when something does: ``2 pods pending:
+        ImagePullBackOff: Back-off pulling image "..."``."""
+        problem = self.job.pending if self.job is not None else None
+        return problem.line() if problem is not None else None
+
     def line(self) -> str:
-        """One plain line."""
-        job = f" | job {self.job.describe()}" if self.job else ""
+        """One plain line: ``0/8 done; 2 pods pending: ImagePullBackOff: ... (0 succeeded,
+        ...), 8 queued | job Running: active=2 ...``."""
+        job = f" | job {self.job.describe(pods=False)}" if self.job else ""
+        pending = f"; {self.pending}" if self.pending else ""
         return (
-            f"{self.done}/{self.expected} done ({self.succeeded} succeeded, "
+            f"{self.done}/{self.expected} done{pending} ({self.succeeded} succeeded, "
             f"{self.dead_lettered} dead-lettered, {self.failed_attempts} failed attempts), "
             f"{self.ready} queued{job}"
         )
+
+
+def _cause(problem: StartProblem) -> tuple[object, ...]:
+    """What the run's log names once: a pull's back-off and its retries are one cause."""
+    reason = "pull" if problem.reason in PULL_REASONS else problem.reason
+    return (problem.kind, reason, problem.image if reason == "pull" else problem.message)
 
 
 ProgressListener = Callable[[Progress], None]
@@ -107,6 +123,8 @@ class RunMonitor:
     _broker_lost_at: float | None = None
     _max_unacked_seen: int = 0
     batch_bytes: int = BATCH_BYTES
+    _pending_said: tuple[object, ...] | None = None
+    _stuck_said: set[tuple[object, ...]] = field(default_factory=set)
 
     def __enter__(self) -> RunMonitor:
         if self.max_unacked < 2:
@@ -237,8 +255,28 @@ class RunMonitor:
             job=state,
         )
 
+    def _say_pods(self, state: JobState) -> None:
+        """Log what holds the Job's pods when it changes, and each cause of stuck pods once:
+        the run's log names the cause while it happens."""
+        pending = state.pending
+        key = None if pending is None else _cause(pending)
+        if key != self._pending_said:
+            self._pending_said = key
+            if pending is not None:
+                self.logger.warning("%s", pending.line())
+        for problem in state.stuck:
+            said = _cause(problem)
+            if said not in self._stuck_said:
+                self._stuck_said.add(said)
+                self.logger.warning(
+                    "%s (%s); the run goes on with the pods that started",
+                    problem.line(),
+                    problem.why(),
+                )
+
     def on_update(self, state: JobState) -> None:
         """The backend's progress callback."""
+        self._say_pods(state)
         try:
             self.drain()
             self._refresh_depth()

@@ -8,7 +8,9 @@ The flow is five stages, each a function here, passing one `Run` along:
   made);
 * `plan_job` and `launch`: size the Job from the confirmed count, check the caveats before it,
   create (or adopt) it;
-* `watch`: wait for the Job while the outcome records feed the ledger (`wait_for_job`);
+* `watch`: wait for the Job while the outcome records feed the ledger (`wait_for_job`); when
+  no pod of the Job can start (`queuejob.flows.core.pods`), delete the Job, its pods and its
+  Secret, keeping every item in the queue;
 * `report`: the caveats after the run, fitted to it (one finding per cause), the run's outcome
   (`queuejob.flows.core.outcome`), the saved ledger and report; then the artifacts beside it,
   and `conclude`: clean up after a Job that succeeded, emit the run's events
@@ -16,11 +18,12 @@ The flow is five stages, each a function here, passing one `Run` along:
   result.
 
 The items decide the run: one that did not succeed (failed, dead-lettered, left in the queue)
-fails it unless ``max_failed_items`` tolerates it; a failed Job fails it; ``caveat_policy='fail'``
-fails it on caveat findings. Either way everything is reported first, and the flow returns a
-state (`prefect.states.Completed` or `Failed`) whose result is the report: a Failed run's result
-is a `RunFailed` error that reads as the report, so a caller calling the flow gets that error
-raised, and one reading the state's result (``return_state=True``, then
+fails it unless ``max_failed_items`` tolerates it; a failed Job fails it, and so do pods that
+cannot start (``pods-cannot-start``); ``caveat_policy='fail'`` fails it on caveat findings.
+Either way everything is reported first, and the flow returns a state
+(`prefect.states.Completed` or `Failed`) whose result is the report: a Failed run's result is a
+`RunFailed` error that reads as the report, so a caller calling the flow gets that error raised,
+and one reading the state's result (``return_state=True``, then
 ``state.result(raise_on_failure=False)``) gets the report either way.
 
 The ledger is an on-disk store fed in batches (`queuejob.flows.adapters.ledger_store`),
@@ -64,6 +67,7 @@ from queuejob.flows.core.errors import (
     ItemsFailed,
     JobFailed,
     PermanentError,
+    PodsCannotStart,
     QueueJobError,
     RunFailed,
 )
@@ -81,6 +85,7 @@ from queuejob.flows.core.manifest import (
 )
 from queuejob.flows.core.outcome import Tolerance, decide
 from queuejob.flows.core.pod_failure import POLICY_REASON, explain_policy_failure
+from queuejob.flows.core.pods import StartLimits
 from queuejob.flows.monitor import DEFAULT_MAX_UNACKED, Progress, RunMonitor
 from queuejob.flows.params import (
     CleanupParams,
@@ -185,6 +190,7 @@ def wait_for_job(
     timeout_s: float,
     findings: list[caveats.Finding],
     stats: dict[str, int],
+    start: StartLimits | None = None,
 ) -> JobState:
     """Wait for the Job to be decided while the results queue feeds the ledger.
 
@@ -192,6 +198,11 @@ def wait_for_job(
     this task keeps what an earlier attempt already took. Records are acknowledged only once the
     batch holding them is checkpointed in the ledger storage, so a flow run that dies and is
     retried (in a fresh pod too) loses none; the ledger takes each record once.
+
+    When no pod of the Job can start within the ``start`` limits, the Job, its pods and its
+    Secret are deleted at once (as a cancellation deletes them), before a late pod could take
+    an item: the items stay in the queue, and the returned state says why
+    (`JobState.start_failure`).
     """
     logger = get_run_logger()
     backend = tasks.make_backend(choice)
@@ -209,7 +220,19 @@ def wait_for_job(
         if not ledger.items_loaded:  # streamed from the source, in batches
             ledger.load_items(tasks.source_items(items))
         with monitor:
-            state = backend.wait(handle, timeout_s=timeout_s, on_update=monitor.on_update)
+            state = backend.wait(
+                handle, timeout_s=timeout_s, on_update=monitor.on_update, start=start
+            )
+            if state.start_failure is not None:
+                logger.error(
+                    "no pod of Job %s could start: %s (%s); deleting the Job, its pods and its "
+                    "Secret: the items stay in queue %r",
+                    handle.name,
+                    state.start_failure.line(),
+                    state.start_failure.why(),
+                    qs.name,
+                )
+                backend.delete_run(namespace=handle.namespace, run_id=handle.run_id)
             monitor.drain_until_quiet()
             monitor.on_update(state)
     except BaseException as exc:
@@ -617,6 +640,7 @@ def watch(run: Run, ledger: RunLedger, handle: JobHandle, timeout_seconds: float
         timeout_seconds,
         quote(run.findings),
         quote(run.stats),
+        StartLimits(grace_s=run.spec.start_grace_seconds, timeout_s=run.spec.start_timeout_seconds),
     )
     _fault_point("crash-after-wait")
     return cast(JobState, state)
@@ -633,7 +657,7 @@ def report(
     # Queues go once the ledger is saved (the outcome records have served), before the report,
     # so that it says which were kept: a work or dead-letter queue still holding items stays.
     kept: dict[str, int] = {}
-    if state.phase is JobPhase.SUCCEEDED and cleanup.delete_queues:
+    if _work_done(state) and cleanup.delete_queues:
         kept = tasks.delete_queues(run.cfg, run.qs)
         run.findings.extend(
             caveats.check_kept_queues(
@@ -657,6 +681,7 @@ def report(
         tolerance=run.tolerance,
         run_id=run.run_id,
         caveat_failures=[f.line() for f in failing],
+        start_failure=_start_failure(state),
     )
     result = _report_dict(run, ledger, state, summary, pod_failures, ledger_path, kept)
     result["outcome"] = outcome.as_dict()
@@ -665,6 +690,20 @@ def report(
         _link_rerun(run, result["rerun_of"])
     run_report.log_summary(get_run_logger(), summary, run.findings, state, outcome.headline)
     return result
+
+
+def _work_done(state: JobState) -> bool:
+    """The Job succeeded, or its work is done and only pods that never started hold it open:
+    what the cleanup after success applies to."""
+    return state.phase is JobPhase.SUCCEEDED or state.held_open
+
+
+def _start_failure(state: JobState) -> str | None:
+    """Why no pod of the Job could start, in one line (None when they could)."""
+    failure = state.start_failure
+    if failure is None:
+        return None
+    return f"{failure.line()} ({failure.why()})"
 
 
 def _job_failure(state: JobState, pod_failures: list[dict[str, Any]]) -> str | None:
@@ -699,7 +738,7 @@ def conclude(
     """After a Job that succeeded, delete what the caller asked to; emit the run's events; end
     the flow run Completed or Failed, as the report's outcome says, with the report as its
     result. The report is saved and shown by now either way."""
-    if state.phase is JobPhase.SUCCEEDED:
+    if _work_done(state):
         if cleanup.delete_job:
             tasks.delete_run_objects(run.choice, run.spec.namespace, run.run_id)
         if not cleanup.delete_queues:  # the ledger is saved: the outcome records have served
@@ -708,7 +747,13 @@ def conclude(
     outcome = result["outcome"]
     reasons = outcome["reasons"]
     error_type: type[RunFailed] = (
-        JobFailed if "job" in reasons else ItemsFailed if "items" in reasons else CaveatViolation
+        PodsCannotStart
+        if "pods" in reasons
+        else JobFailed
+        if "job" in reasons
+        else ItemsFailed
+        if "items" in reasons
+        else CaveatViolation
     )
     if runtime_flow_run.run_count > 1:
         # A retried flow run. Prefect 3.9's engine hands a caller of the flow the exception of
@@ -733,6 +778,9 @@ def _check_after(
     ledger.mark_dead_lettered(dead_ids)
     summary = ledger.summary()
     pod_failures: list[dict[str, Any]] = []
+    run.findings.extend(
+        caveats.check_start(state, job=run.name, namespace=run.spec.namespace, run_id=run.run_id)
+    )
     failed = caveats.check_job_failed(state, job=run.name)
     if failed is not None:
         run.findings.append(failed)
@@ -784,6 +832,9 @@ def _report_dict(
         "pod_failures": pod_failures,
         # Pods Kubernetes stopped (evicted, preempted, lost): whether each counted, and why.
         "disruptions": [d.as_dict() for d in state.disruptions],
+        # No pod could start (the run deleted the Job), or pods stuck while others ran.
+        "start_failure": state.start_failure.as_dict() if state.start_failure else None,
+        "stuck_pods": [p.as_dict() for p in state.stuck],
         "ledger": run.storage_location,
         "ledger_path": ledger_path,
         "ledger_records": ledger.records,

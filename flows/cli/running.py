@@ -35,16 +35,19 @@ def _progress_printer() -> Any:
     state = {"last": ""}
 
     def show(p: Progress) -> None:
+        pending = f"; {p.pending}" if p.pending else ""
         if tty:
             width = 30
             filled = int(width * p.fraction)
             bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(f"\r[{bar}] {p.done}/{p.expected} done, {p.ready} queued   ")
+            sys.stderr.write(
+                f"\r\x1b[K[{bar}] {p.done}/{p.expected} done, {p.ready} queued{pending}"
+            )
             if p.done >= p.expected:
                 sys.stderr.write("\n")
             sys.stderr.flush()
         else:
-            line = f"{p.done}/{p.expected} done, {p.ready} queued"
+            line = f"{p.done}/{p.expected} done, {p.ready} queued{pending}"
             if line != state["last"]:
                 state["last"] = line
                 print(f"progress: {line}", file=sys.stderr, flush=True)
