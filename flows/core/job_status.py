@@ -116,8 +116,8 @@ class StartProblem:
     rule: str | None = None
 
     def line(self) -> str:
-        """One line: ``2 pods pending: ImagePullBackOff: Back-off pulling image "x"`` or
-        ``Job cannot create pods: FailedCreate: pods "x-" is forbidden: exceeded quota: ...``."""
+        """One line: ``2 pods pending: ImagePullBackOff: Back-off pulling image "x"`` or ``Job
+        cannot create pods: FailedCreate: pods "x-7kq2m" is forbidden: exceeded quota: ...``."""
         text = f"{self.reason}: {self.message}" if self.message else self.reason
         if self.kind == "create":
             return f"Job cannot create pods: {text}"

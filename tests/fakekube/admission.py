@@ -748,8 +748,10 @@ def prepare_event_update(old: Obj, new: Obj) -> Obj:
 
 def check_pod_quota(pods_now: list[Obj], pod: Obj, quota: tuple[str, int]) -> None:
     """ResourceQuota admission for ``pods``: a pod beyond ``quota`` (name, hard limit on
-    non-terminal pods in the namespace) is refused, 403 as the real plugin words it (naming
-    the generateName: the name is generated after admission)."""
+    non-terminal pods in the namespace) is refused, 403 as the real plugin words it. The
+    apiserver generates a ``generateName`` pod's name before validating admission, so the
+    message names a generated name that no pod ever gets (each refusal a new one, as on a real
+    1.20 control plane)."""
     name, hard = quota
     used = sum(
         1 for p in pods_now if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
@@ -757,7 +759,8 @@ def check_pod_quota(pods_now: list[Obj], pod: Obj, quota: tuple[str, int]) -> No
     if used + 1 <= hard:
         return
     meta = pod.get("metadata") or {}
-    shown = meta.get("name") or meta.get("generateName") or "Unknown"
+    base = meta.get("generateName")
+    shown = meta.get("name") or (generate_name(base) if base else "Unknown")
     message = (
         f'pods "{shown}" is forbidden: exceeded quota: {name}, requested: pods=1, used: '
         f"pods={used}, limited: pods={hard}"

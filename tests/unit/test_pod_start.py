@@ -24,7 +24,7 @@ PULL = 'rpc error: code = NotFound desc = failed to pull and unpack image "x": n
 BACKOFF = f'Back-off pulling image "{IMAGE}"'
 UNSCHEDULABLE = "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
 QUOTA = (
-    'pods "queuejob-abc-" is forbidden: exceeded quota: nopods, requested: pods=1, used: '
+    'pods "queuejob-abc-x7k2p" is forbidden: exceeded quota: nopods, requested: pods=1, used: '
     "pods=0, limited: pods=0"
 )
 
