@@ -285,6 +285,18 @@ def test_template_block_metadata() -> None:
     assert schema.get("secret_fields", []) == []
 
 
+def test_the_template_form_shows_the_start_settings_with_their_defaults() -> None:
+    props = WorkQueueJobTemplate.model_json_schema()["properties"]
+    grace, timeout = props["start_grace_seconds"], props["start_timeout_seconds"]
+    assert (grace["default"], grace["minimum"]) == (60.0, 0)
+    assert (timeout["default"], timeout["minimum"]) == (600.0, 0)
+    assert "InvalidImageName" in grace["description"]
+    assert "0: wait for the run's timeout" in timeout["description"]
+    # On the form beside the other Job settings, in the fields' order.
+    order = list(props)
+    assert order.index("start_grace_seconds") + 1 == order.index("start_timeout_seconds")
+
+
 def test_template_has_every_jobspec_field_with_the_same_bounds_and_defaults() -> None:
     tpl_fields = WorkQueueJobTemplate.model_fields
     assert set(tpl_fields) == set(JobSpec.model_fields)
