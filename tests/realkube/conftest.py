@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import prefect_server
+from tests.images import PullFailure
 from tests.realkube import cluster
 from tests.realkube.kubelet import Kubelet
 
@@ -22,6 +23,10 @@ from tests.realkube.kubelet import Kubelet
 __all__ = ["prefect_server"]
 
 HERE = Path(__file__).resolve().parent
+# Images the node cannot pull (tag "missing"), and one it pulls only at the first attempt after
+# 3 s (tag "flaky"); every other image is on the node. Pull back-off: 1 s, doubling.
+PULL_FAILURES = (PullFailure("*:missing"), PullFailure("*:flaky", for_s=3.0))
+PULL_BACKOFF_S = 1.0
 _REASON = pytest.StashKey[str]()
 _TIMINGS = pytest.StashKey[dict[str, float]]()
 _BUILD_ERROR = pytest.StashKey[str]()
@@ -101,7 +106,8 @@ def control_plane(
 def kubelet(
     control_plane: cluster.ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Kubelet]:
-    """The node: runs pods as local processes, with the project's console scripts on PATH."""
+    """The node: runs pods as local processes, with the project's console scripts on PATH; it
+    cannot pull the images of `PULL_FAILURES`."""
     venv_bin = str(Path(sys.executable).parent)
     stand_in = Kubelet(
         control_plane.api_config(),
@@ -111,6 +117,8 @@ def kubelet(
         serving_key=str(control_plane.serving_key),
         client_ca=str(control_plane.ca_file),
         path=f"{venv_bin}:/usr/local/bin:/usr/bin:/bin",
+        pull_failures=PULL_FAILURES,
+        pull_backoff_s=PULL_BACKOFF_S,
     )
     stand_in.start()
     try:

@@ -4,7 +4,16 @@ The control plane (kube-apiserver, kube-controller-manager, etcd) is real; there
 and no container runtime. This stand-in does the node's part, and only that:
 
 - registers a Ready ``Node`` whose kubelet endpoint is this process, and renews its ``Lease``;
-- binds every unscheduled pod to that node (the scheduler's one job here);
+- binds every unscheduled pod to that node (the scheduler's one job here), unless the pod's
+  ``nodeSelector`` asks for labels the node does not have: that pod stays ``Pending`` with the
+  scheduler's ``PodScheduled=False``, reason ``Unschedulable`` (its 1.20 message);
+- "pulls" images as `tests.images.Puller` says a node does: an image reference the runtime
+  cannot parse waits in ``InvalidImageName``; an image a `tests.images.PullFailure` rule given
+  when the stand-in starts names goes ``ErrImagePull``, then ``ImagePullBackOff`` with a doubling
+  back-off (``ErrImageNeverPull`` under ``imagePullPolicy: Never``), phase ``Pending``, until the
+  rule lets the pull succeed; every other image is on the node;
+- waits in ``CreateContainerConfigError`` (retried every 2 s) while a Secret, ConfigMap or key
+  the container's env names does not exist, as a kubelet does;
 - runs each container's ``command`` + ``args`` as a local process (``args`` alone when there is
   no ``command``: what an image without an ENTRYPOINT does, as this project's is), with its ``env``
   (literal values, ``secretKeyRef``, ``configMapKeyRef``, ``fieldRef``, ``envFrom`` and
@@ -21,7 +30,7 @@ and no container runtime. This stand-in does the node's part, and only that:
 The image is not pulled or used: the "image" is this machine with the PATH given (the checkout's
 install). A container with neither ``command`` nor ``args`` (the image's own CMD) cannot run
 here and ends as ``Failed`` with reason ``CreateContainerConfigError``. Only the standard
-library is used.
+library is used (and `tests.images`, which uses only it).
 
 Run it on its own (``python -m tests.realkube.kubelet --help``) or in-process through `Kubelet`.
 """
@@ -50,6 +59,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.images import Puller, PullFailure
+
 log = logging.getLogger("queuejob.tests.kubelet")
 
 LEASE_NAMESPACE = "kube-node-lease"
@@ -57,6 +68,9 @@ LEASE_SECONDS = 40
 RENEW_EVERY_S = 10.0
 WATCH_SECONDS = 30  # server-side timeout of each watch request; the watch is then resumed
 CONTAINER_ID_PREFIX = "queuejob-local://"
+CONFIG_RETRY_S = 2.0  # how often a container waiting for a missing Secret or key is tried again
+# The 1.20 scheduler's message for a pod whose nodeSelector matches no node (one node).
+UNSCHEDULABLE_MESSAGE = "0/1 nodes are available: 1 node(s) didn't match node selector."
 
 
 def _now() -> str:
@@ -206,6 +220,10 @@ class ContainerConfigError(Exception):
     """A container's env cannot be resolved (like a kubelet's CreateContainerConfigError)."""
 
 
+class StandInLimit(Exception):
+    """What this stand-in cannot run at all (an image's own CMD): the container fails."""
+
+
 @dataclass
 class RunningContainer:
     """One container's process and what is reported about it."""
@@ -218,6 +236,7 @@ class RunningContainer:
     exit_code: int | None = None
     reason: str | None = None
     message: str | None = None
+    waiting: tuple[str, str] | None = None  # (reason, message) while it cannot start yet
 
 
 @dataclass
@@ -231,6 +250,7 @@ class PodRun:
     started_at: str = field(default_factory=_now)
     killed: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)  # set when killed
 
     def pids(self) -> list[int]:
         """The pids of the pod's processes still running."""
@@ -338,9 +358,17 @@ class Kubelet:
         port: int = 0,
         path: str | None = None,
         extra_env: Mapping[str, str] | None = None,
+        pull_failures: tuple[PullFailure, ...] = (),
+        pull_backoff_s: float = 10.0,
     ) -> None:
         self.api = Api(api)
         self.node_name = node_name
+        self.labels = {
+            "kubernetes.io/hostname": node_name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+        }
+        self.puller = Puller(pull_failures, backoff_s=pull_backoff_s)
         self.workdir = Path(workdir)
         self.path = path or os.environ.get("PATH", "/usr/bin:/bin")
         self.extra_env = dict(extra_env or {})
@@ -477,14 +505,7 @@ class Kubelet:
         node = {
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {
-                "name": self.node_name,
-                "labels": {
-                    "kubernetes.io/hostname": self.node_name,
-                    "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64",
-                },
-            },
+            "metadata": {"name": self.node_name, "labels": dict(self.labels)},
             "spec": {},
         }
         try:
@@ -618,6 +639,10 @@ class Kubelet:
     def _bind(self, pod: Mapping[str, Any]) -> None:
         meta = pod.get("metadata") or {}
         ns, name = meta.get("namespace"), meta.get("name")
+        selector = (pod.get("spec") or {}).get("nodeSelector") or {}
+        if any(self.labels.get(k) != v for k, v in selector.items()):
+            self._unschedulable(pod)
+            return
         binding = {
             "apiVersion": "v1",
             "kind": "Binding",
@@ -630,6 +655,25 @@ class Kubelet:
             # 409: already bound (a replay of the same event); 404: deleted meanwhile.
             if exc.status not in (404, 409):
                 self.errors.append(f"bind {ns}/{name}: {exc}")
+
+    def _unschedulable(self, pod: Mapping[str, Any]) -> None:
+        """The scheduler's answer for a pod no node fits: not bound, ``PodScheduled=False``."""
+        meta = pod.get("metadata") or {}
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "lastProbeTime": None,
+            "lastTransitionTime": _now(),
+            "reason": "Unschedulable",
+            "message": UNSCHEDULABLE_MESSAGE,
+        }
+        path = f"/api/v1/namespaces/{meta.get('namespace')}/pods/{meta.get('name')}/status"
+        body = {"metadata": {"uid": meta.get("uid")}, "status": {"conditions": [condition]}}
+        try:
+            self.api.strategic_patch(path, body)
+        except ApiError as exc:
+            if exc.status != 409:
+                self.errors.append(f"unschedulable {meta.get('name')}: {exc}")
 
     # --- running pods -------------------------------------------------------------------------
 
@@ -697,68 +741,115 @@ class Kubelet:
             if self._stop.is_set() or run.uid in self._runs:
                 return
             self._runs[run.uid] = run
+        self._spawn(f"kubelet-pod-{run.name}", lambda: self._run_pod(pod, run))
+
+    def _waiting(
+        self, pod: Mapping[str, Any], container: Mapping[str, Any]
+    ) -> tuple[str, str, float] | None:
+        """Why a container cannot start yet, and when to look again (None: it can)."""
+        uid = str((pod.get("metadata") or {}).get("uid"))
+        now = time.monotonic()
+        pull = self.puller.state(
+            f"{uid}/{container['name']}",
+            str(container.get("image") or ""),
+            container.get("imagePullPolicy"),
+            now,
+        )
+        if not pull.ready:
+            wake = pull.wake_at if pull.wake_at is not None else now + 3600.0
+            return str(pull.reason), str(pull.message), wake
+        try:
+            self._resolve_env(pod, container)
+        except (ContainerConfigError, ApiError) as exc:
+            return "CreateContainerConfigError", str(exc), now + CONFIG_RETRY_S
+        return None
+
+    def _run_pod(self, pod: dict[str, Any], run: PodRun) -> None:
+        """Pull and wait as a kubelet does, then start the containers and reap them."""
         poddir = self.workdir / "pods" / run.uid
         poddir.mkdir(parents=True, exist_ok=True)
         containers = (pod.get("spec") or {}).get("containers") or []
         for container in containers:
             name = str(container["name"])
-            rc = RunningContainer(name=name, log_path=poddir / f"{name}.log")
-            run.containers[name] = rc
-            rc.log_path.touch()
-            # An image without an ENTRYPOINT (this project's Dockerfile): `args` alone run as the
-            # command, as Prefect's flow-run Job sets them.
-            argv = [*(container.get("command") or []), *(container.get("args") or [])]
-            try:
-                if not argv:
-                    raise ContainerConfigError(
-                        "the kubelet stand-in runs only containers that set 'command' or "
-                        "'args' (images are not pulled, so an image's own CMD cannot run)"
-                    )
-                cenv = self._resolve_env(pod, container)
-                argv = [expand(a, cenv) for a in argv]
-                env = {
-                    "PATH": self.path,
-                    "HOME": str(poddir),
-                    "HOSTNAME": run.name,
-                    **self.extra_env,
-                    **cenv,
-                }
-                with rc.log_path.open("ab") as out:
-                    rc.process = subprocess.Popen(
-                        argv,
-                        env=env,
-                        cwd=poddir,
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,  # its own group: kill reaches its children
-                    )
-                rc.started_at = _now()
-            except (ContainerConfigError, ValueError, OSError, ApiError) as exc:
-                rc.exit_code = 128
-                rc.reason = (
-                    "CreateContainerConfigError"
-                    if isinstance(exc, ContainerConfigError | ApiError)
-                    else "ContainerCannotRun"
+            run.containers[name] = RunningContainer(name=name, log_path=poddir / f"{name}.log")
+            run.containers[name].log_path.touch()
+        try:
+            while True:
+                waits = {str(c["name"]): self._waiting(pod, c) for c in containers}
+                if not any(waits.values()) or run.killed or self._stop.is_set():
+                    break
+                for name, wait in waits.items():
+                    run.containers[name].waiting = (wait[0], wait[1]) if wait else None
+                self._post_status(pod, run)
+                wake = min(w[2] for w in waits.values() if w)
+                run.wake.wait(max(0.05, wake - time.monotonic()))
+            if run.killed or self._stop.is_set():
+                return
+            for container in containers:
+                self._start_container(pod, run, container, poddir)
+            if run.killed:  # deleted while its processes were being started
+                self._kill(run, grace_s=0.0)
+            self._post_status(pod, run)
+            self._reap(pod, run)
+        finally:
+            for name in run.containers:
+                self.puller.forget(f"{run.uid}/{name}")
+            run.done.set()
+
+    def _start_container(
+        self, pod: dict[str, Any], run: PodRun, container: Mapping[str, Any], poddir: Path
+    ) -> None:
+        rc = run.containers[str(container["name"])]
+        rc.waiting = None
+        # An image without an ENTRYPOINT (this project's Dockerfile): `args` alone run as the
+        # command, as Prefect's flow-run Job sets them.
+        argv = [*(container.get("command") or []), *(container.get("args") or [])]
+        try:
+            if not argv:
+                raise StandInLimit(
+                    "the kubelet stand-in runs only containers that set 'command' or "
+                    "'args' (images are not pulled, so an image's own CMD cannot run)"
                 )
-                rc.message = str(exc)
-                rc.started_at = rc.finished_at = _now()
-        self._post_status(pod, run)
-        self._spawn(f"kubelet-pod-{run.name}", lambda: self._reap(pod, run))
+            cenv = self._resolve_env(pod, container)
+            argv = [expand(a, cenv) for a in argv]
+            env = {
+                "PATH": self.path,
+                "HOME": str(poddir),
+                "HOSTNAME": run.name,
+                **self.extra_env,
+                **cenv,
+            }
+            with rc.log_path.open("ab") as out:
+                rc.process = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=poddir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own group: kill reaches its children
+                )
+            rc.started_at = _now()
+        except (StandInLimit, ContainerConfigError, ValueError, OSError, ApiError) as exc:
+            rc.exit_code = 128
+            rc.reason = (
+                "CreateContainerConfigError"
+                if isinstance(exc, StandInLimit | ContainerConfigError | ApiError)
+                else "ContainerCannotRun"
+            )
+            rc.message = str(exc)
+            rc.started_at = rc.finished_at = _now()
 
     def _reap(self, pod: dict[str, Any], run: PodRun) -> None:
-        try:
-            for rc in run.containers.values():
-                if rc.process is not None:
-                    code = rc.process.wait()
-                    rc.finished_at = _now()
-                    # A signal shows as 128+N, as a container runtime reports it.
-                    rc.exit_code = 128 - code if code < 0 else code
-                    rc.reason = "Completed" if rc.exit_code == 0 else "Error"
-            if not self._stop.is_set():
-                self._post_status(pod, run)
-        finally:
-            run.done.set()
+        for rc in run.containers.values():
+            if rc.process is not None:
+                code = rc.process.wait()
+                rc.finished_at = _now()
+                # A signal shows as 128+N, as a container runtime reports it.
+                rc.exit_code = 128 - code if code < 0 else code
+                rc.reason = "Completed" if rc.exit_code == 0 else "Error"
+        if not self._stop.is_set():
+            self._post_status(pod, run)
 
     def _container_status(self, container: Mapping[str, Any], rc: RunningContainer | None) -> Any:
         name = str(container["name"])
@@ -771,8 +862,13 @@ class Kubelet:
             "ready": False,
             "started": False,
         }
-        if rc is None:
-            status["state"] = {"waiting": {"reason": "ContainerCreating"}}
+        if rc is None or (rc.process is None and rc.exit_code is None):
+            # Not started yet: pulling, or waiting for what it needs (no image, no container).
+            reason, message = (rc.waiting if rc is not None else None) or ("ContainerCreating", "")
+            status["imageID"] = ""
+            status["state"] = {
+                "waiting": {"reason": reason, **({"message": message} if message else {})}
+            }
             return status
         status["containerID"] = f"{CONTAINER_ID_PREFIX}{rc.process.pid if rc.process else 0}"
         if rc.exit_code is None:
@@ -798,8 +894,10 @@ class Kubelet:
         ended = all(code is not None for code in codes)
         if ended:
             phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
-        else:
+        elif any(rc.process is not None for rc in run.containers.values()):
             phase = "Running"
+        else:
+            phase = "Pending"
         ready = "True" if phase == "Running" else "False"
         now = _now()
         conditions = [
@@ -835,6 +933,7 @@ class Kubelet:
     def _kill(self, run: PodRun, *, grace_s: float) -> None:
         """SIGTERM the pod's process groups, SIGKILL after ``grace_s``."""
         run.killed = True
+        run.wake.set()  # a pod still waiting to start stops waiting
         procs = [c.process for c in run.containers.values() if c.process is not None]
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for proc in procs:
@@ -904,6 +1003,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-name", default="queuejob-node")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--cannot-pull",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="images matching this shell pattern cannot be pulled (repeatable)",
+    )
+    parser.add_argument(
+        "--pull-backoff", type=float, default=10.0, help="first back-off between pulls, seconds"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     token = Path(args.token_file).read_text().strip()
@@ -915,6 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
         serving_key=args.key,
         client_ca=args.ca,
         port=args.port,
+        pull_failures=tuple(PullFailure(pattern) for pattern in args.cannot_pull),
+        pull_backoff_s=args.pull_backoff,
     )
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
