@@ -153,36 +153,29 @@ def _plain_text_answer(exc: BaseException) -> bool:
     a ClientHello with its protocol header, which OpenSSL reads as a bad record)."""
     import ssl
 
-    seen: list[BaseException] = [exc]
-    while seen:
-        cur = seen.pop()
-        if isinstance(cur, ssl.SSLError) and any(
-            mark in str(cur).upper()
-            for mark in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
-        ):
-            return True
-        seen.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
-        inner = getattr(cur, "exception", None)
-        if isinstance(inner, BaseException):
-            seen.append(inner)
-        if len(seen) > 20:
-            break
-    return False
+    marks = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+    return any(
+        isinstance(cur, ssl.SSLError) and any(mark in str(cur).upper() for mark in marks)
+        for cur in _chain(exc)
+    )
 
 
 def _find_in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
+    return any(isinstance(cur, kind) for cur in _chain(exc))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and those pika wraps in it (its args, its ``exception``), a bounded walk."""
     seen: list[BaseException] = [exc]
     while seen:
         cur = seen.pop()
-        if isinstance(cur, kind):
-            return True
+        yield cur
         seen.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
         inner = getattr(cur, "exception", None)
         if isinstance(inner, BaseException):
             seen.append(inner)
         if len(seen) > 20:
-            break
-    return False
+            return
 
 
 # Per broker URL: the node to try first (the one after the last that failed), so that every
