@@ -186,7 +186,14 @@ class PrefectStack:
     # --- REST ------------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        return self.http.request(method, path, json=body)
+        """One API call; a 503 (the server's database busy, its transaction rolled back) is
+        tried again after a pause, as Prefect's own client does, at most 5 times."""
+        for attempt in range(5):
+            response = self.http.request(method, path, json=body)
+            if response.status_code != 503:
+                break
+            time.sleep(0.5 * 2**attempt)
+        return response
 
     def get(self, path: str) -> Any:
         return self._ok(self.request("GET", path))

@@ -299,7 +299,9 @@ def test_a_stop_mid_wait_deletes_the_job_and_its_pods_then_exits(
         wait_for(lambda: not pids_with_env_marker(queue_name), 30, "pods to be gone")
     except AssertionError as exc:  # say what the run did: did its crash hook run?
         raise AssertionError(f"{exc}; the run printed:\n{printed[-4000:]}") from None
-    assert "deleted 1 Job(s)" in printed, printed[-4000:]
+    # The wait task deletes the Job as it stops; the crash hook deletes what is left (nothing,
+    # when the task got there first).
+    assert "stopping: deleting Job" in printed or "deleted 1 Job(s)" in printed, printed[-4000:]
     assert ended, "a process the run started still holds its stdout (a Prefect server?)"
     assert proc.returncode == status, printed[-4000:]
     if sig == signal.SIGINT:
