@@ -27,6 +27,8 @@ import httpx
 import psutil
 import pytest
 
+from tests.foreground import sigint_delivered
+
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 PREFECT_FILE = "deployments/prefect.yaml"
@@ -97,15 +99,16 @@ class Service:
         self.name = name
         self.log = log
         self._fh: IO[bytes] = log.open("ab")
-        self.proc = subprocess.Popen(
-            list(argv),
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with sigint_delivered():  # the worker is stopped with Ctrl-C, as a user stops it
+            self.proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def alive(self) -> bool:
         return self.proc.poll() is None

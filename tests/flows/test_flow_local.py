@@ -22,6 +22,7 @@ from queuejob.flows.adapters import broker as broker_io
 from queuejob.flows.core.errors import CaveatViolation, ItemsFailed
 from queuejob.flows.work_queue import cleanup_hook, run_work_queue
 from tests.flows.conftest import DOCS_ITEMS, local_kwargs, pids_with_env_marker
+from tests.foreground import sigint_delivered
 
 pytestmark = [pytest.mark.broker, pytest.mark.prefect]
 
@@ -279,11 +280,12 @@ def test_a_stop_mid_wait_deletes_the_job_and_its_pods_then_exits(
     flow_env: dict[str, str], queue_name: str, tmp_path: Path, sig: int, status: int
 ) -> None:
     env = {**os.environ, **flow_env}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "queuejob.flows.cli", "run", *DOCS_ITEMS[:4], "--backend", "local",
-         "--queue", queue_name, "--idle-timeout", "2", "--", "sh", "-c", "sleep 120"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with sigint_delivered():  # as a terminal's Ctrl-C reaches a foreground command
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "queuejob.flows.cli", "run", *DOCS_ITEMS[:4], "--backend",
+             "local", "--queue", queue_name, "--idle-timeout", "2", "--", "sh", "-c", "sleep 120"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         wait_for(lambda: pids_with_env_marker(queue_name), 150, "pods to start")
         proc.send_signal(sig)
