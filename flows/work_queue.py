@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
 from uuid import UUID
 
@@ -329,19 +329,7 @@ def run_work_queue(
     params = {k: _as_json(v) for k, v in arguments.items()}
     try:
         tolerance = _refused_if_raised(Tolerance.parse, max_failed_items)
-        run = prepare(
-            params,
-            items=items,
-            queue=queue,
-            job=job,
-            mode=mode,
-            backend=backend,
-            broker_block=broker_block,
-            kubernetes_credentials_block=kubernetes_credentials_block,
-            timeout_seconds=timeout_seconds,
-            broker_wait_seconds=broker_wait_seconds,
-            ledger_storage=ledger_storage,
-        )
+        run = prepare(params, Inputs(**{f.name: arguments[f.name] for f in fields(Inputs)}))
         run.tolerance, run.caveat_policy = tolerance, caveat_policy
         fill(run, stale_policy=queue.stale_messages)
         secret, manifest = plan_job(run, job, caveat_policy)
@@ -389,41 +377,32 @@ def _fault_point(name: str) -> None:
 # --- the stages ----------------------------------------------------------------------------------
 
 
-def prepare(
-    params: dict[str, Any],
-    *,
-    items: ItemSource,
-    queue: QueueParams,
-    job: JobParams,
-    mode: Literal["coarse", "fine"],
-    backend: Literal["kubernetes", "local"],
-    broker_block: str | None,
-    kubernetes_credentials_block: str | None,
-    timeout_seconds: float,
-    broker_wait_seconds: float,
-    ledger_storage: str | None,
-) -> Run:
+@dataclass(frozen=True)
+class Inputs:
+    """The flow's parameters that `prepare` checks and resolves."""
+
+    items: ItemSource
+    queue: QueueParams
+    job: JobParams
+    mode: Literal["coarse", "fine"]
+    backend: Literal["kubernetes", "local"]
+    broker_block: str | None
+    kubernetes_credentials_block: str | None
+    timeout_seconds: float
+    broker_wait_seconds: float
+    ledger_storage: str | None
+
+
+def prepare(params: dict[str, Any], inputs: Inputs) -> Run:
     """Check everything that can be checked before anything happens, then wait for the broker
     and declare the queues."""
     started = time.monotonic()
-    checked = _refused_if_raised(
-        _check_inputs,
-        items=items,
-        queue=queue,
-        job=job,
-        mode=mode,
-        backend=backend,
-        broker_block=broker_block,
-        kubernetes_credentials_block=kubernetes_credentials_block,
-        timeout_seconds=timeout_seconds,
-        broker_wait_seconds=broker_wait_seconds,
-        ledger_storage=ledger_storage,
-    )
+    checked = _refused_if_raised(_check_inputs, inputs)
     run_id, spec, qs, cfg, choice, n_items, max_unacked, ledger_location, storage = checked
     # The broker: one that stays away past the deadline fails the run (exit 1), while refused
     # credentials are configuration refused before anything was queued (exit 2).
     try:
-        tasks.wait_for_broker(cfg, broker_wait_seconds)
+        tasks.wait_for_broker(cfg, inputs.broker_wait_seconds)
     except PermanentError as exc:
         exc.refused = True
         raise
@@ -431,10 +410,10 @@ def prepare(
     return Run(
         run_id=run_id,
         params=params,
-        items=items,
+        items=inputs.items,
         n_items=n_items,
-        mode=mode,
-        backend=backend,
+        mode=inputs.mode,
+        backend=inputs.backend,
         cfg=cfg,
         qs=qs,
         choice=choice,
@@ -447,32 +426,25 @@ def prepare(
     )
 
 
-def _check_inputs(
-    *,
-    items: ItemSource,
-    queue: QueueParams,
-    job: JobParams,
-    mode: Literal["coarse", "fine"],
-    backend: Literal["kubernetes", "local"],
-    broker_block: str | None,
-    kubernetes_credentials_block: str | None,
-    timeout_seconds: float,
-    broker_wait_seconds: float,
-    ledger_storage: str | None,
-) -> tuple[Any, ...]:
+def _check_inputs(inputs: Inputs) -> tuple[Any, ...]:
     """What `prepare` checks before it touches the broker: it has no side effects."""
     logger = get_run_logger()
-    if timeout_seconds <= 0:
-        raise InvalidInput(f"timeout_seconds must be positive (got {timeout_seconds})")
+    items, queue = inputs.items, inputs.queue
+    if inputs.timeout_seconds <= 0:
+        raise InvalidInput(f"timeout_seconds must be positive (got {inputs.timeout_seconds})")
     run_id = _run_id()
-    spec = tasks.resolve_job_spec(job, mode, backend)
+    spec = tasks.resolve_job_spec(inputs.job, inputs.mode, inputs.backend)
     qs = broker_io.QueueSettings(
         name=queue.name, queue_type=queue.type, delivery_limit=queue.delivery_limit
     )
     # Every broker call of the run rides out a lost node (or connection) as long as the run
     # waits for the broker at its start.
-    cfg = tasks.resolve_broker(broker_block).with_options(reconnect_s=broker_wait_seconds)
-    choice = tasks.BackendChoice(kind=backend, credentials_block=kubernetes_credentials_block)
+    cfg = tasks.resolve_broker(inputs.broker_block).with_options(
+        reconnect_s=inputs.broker_wait_seconds
+    )
+    choice = tasks.BackendChoice(
+        kind=inputs.backend, credentials_block=inputs.kubernetes_credentials_block
+    )
     n_items = tasks.validate_items(items)
     logger.info("%d items from %s; broker %s", n_items, items.describe(), cfg.redacted())
     max_unacked = _max_unacked()
@@ -481,8 +453,8 @@ def _check_inputs(
     tasks.check_namespace(choice, spec.namespace)
     # Where the ledger goes, checked for writing before anything happens (fail early rather
     # than after the Job has done the work). The probe file it writes is removed again.
-    ledger_location = tasks.check_ledger_storage(ledger_storage, run_id)
-    storage = open_storage(ledger_storage)
+    ledger_location = tasks.check_ledger_storage(inputs.ledger_storage, run_id)
+    storage = open_storage(inputs.ledger_storage)
     logger.info("ledger storage: %s", ledger_location)
     return run_id, spec, qs, cfg, choice, n_items, max_unacked, ledger_location, storage
 

@@ -151,24 +151,27 @@ class LedgerStorage:
             ) from exc
         return path
 
-    def segment_numbers(self, run_id: str) -> list[int]:
-        """The numbers of the run's segments present (complete or not), ascending."""
-        return sorted({seq for seq, _ in self._segment_names(run_id)})
-
-    def _segment_names(self, run_id: str) -> list[tuple[int, str]]:
-        """(number, file name) of the run's segments, in order."""
-        folder = self.path(run_id, SEGMENTS_DIR)
+    def _list_names(self, run_id: str, folder_name: str, what: str) -> list[str]:
+        """The names of the files in one of the run's folders (none when it does not exist)."""
+        folder = self.path(run_id, folder_name)
         try:
             names = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
             return []
         except Exception as exc:
             raise LedgerStorageError(
-                f"cannot list ledger checkpoints in {folder}: {_describe_exc(exc)}"
+                f"cannot list {what} in {folder}: {_describe_exc(exc)}"
             ) from exc
+        return [str(name).rstrip("/").rsplit("/", 1)[-1] for name in names]
+
+    def segment_numbers(self, run_id: str) -> list[int]:
+        """The numbers of the run's segments present (complete or not), ascending."""
+        return sorted({seq for seq, _ in self._segment_names(run_id)})
+
+    def _segment_names(self, run_id: str) -> list[tuple[int, str]]:
+        """(number, file name) of the run's segments, in order."""
         found = []
-        for name in names:
-            base = str(name).rstrip("/").rsplit("/", 1)[-1]
+        for base in self._list_names(run_id, SEGMENTS_DIR, "ledger checkpoints"):
             m = _SEGMENT_RE.fullmatch(base)
             if m:
                 found.append((int(m.group(1)), base))
@@ -237,17 +240,8 @@ class LedgerStorage:
     def rerun_links(self, run_id: str) -> list[dict[str, Any]]:
         """The links `write_rerun_link` left in the run's directory (unreadable ones skipped),
         oldest rerun first (by ``finished_at``)."""
-        folder = self.path(run_id, RERUNS_DIR)
-        try:
-            names = self.fs.ls(folder, detail=False)
-        except FileNotFoundError:
-            return []
-        except Exception as exc:
-            raise LedgerStorageError(
-                f"cannot list the reruns in {folder}: {_describe_exc(exc)}"
-            ) from exc
         links = []
-        for name in sorted(str(n).rstrip("/").rsplit("/", 1)[-1] for n in names):
+        for name in sorted(self._list_names(run_id, RERUNS_DIR, "the reruns")):
             if not name.endswith(".json") or name.startswith("."):
                 continue  # a link being written (a temporary name) is not one yet
             try:

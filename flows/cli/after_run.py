@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from queuejob.flows.cli.args import add_job_options, positive_int
+from queuejob.flows.cli.results import print_stored, write_jsonl
 from queuejob.flows.cli.running import prefect_api_problem, prepare_prefect, print_summary, run_flow
 
 # --- rerun -------------------------------------------------------------------------------------
@@ -374,43 +375,35 @@ def _cell(value: Any, width: int) -> str:
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     """Print a finished run's summary and its ledger rows, streamed from the storage."""
+    return print_stored(lambda: _print_ledger(args))
+
+
+def _print_ledger(args: argparse.Namespace) -> None:
     from queuejob.flows.adapters.ledger_storage import normalize_fates
-    from queuejob.flows.core.errors import QueueJobError
     from queuejob.flows.storage import open_storage
 
-    try:
-        fates = normalize_fates(args.fate) if args.fate else None
-        storage = open_storage(args.ledger_storage)
-        report = storage.read_report(args.run_id)
-        rows = storage.iter_rows(args.run_id, fates)
-        out = sys.stdout
-        if args.format == "jsonl":
-            import json
-
-            s = report.get("summary", {})
-            print(
-                f"queuejob run {args.run_id}: {s.get('expected')} items, {s.get('succeeded')} "
-                f"succeeded, {s.get('failed')} failed, {s.get('dead_lettered')} dead-lettered, "
-                f"{s.get('left')} left; ledger {report.get('ledger')}",
-                file=sys.stderr,
-            )
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            return 0
-        print_summary(report)
-        print()
-        print("  ".join(name.ljust(width) for name, width in LEDGER_COLUMNS).rstrip())
-        shown = 0
-        for row in rows:
-            line = "  ".join(_cell(row.get(n), w).ljust(w) for n, w in LEDGER_COLUMNS)
-            out.write(line.rstrip() + "\n")
-            shown += 1
-        which = ", ".join(sorted(fates)) if fates else "all fates"
-        print(f"({shown} rows, {which})")
-    except QueueJobError as exc:
-        print(f"queuejob: {exc}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `queuejob ledger ... | head`
-        sys.stderr.close()
-        return 0
-    return 0
+    fates = normalize_fates(args.fate) if args.fate else None
+    storage = open_storage(args.ledger_storage)
+    report = storage.read_report(args.run_id)
+    rows = storage.iter_rows(args.run_id, fates)
+    out = sys.stdout
+    if args.format == "jsonl":
+        s = report.get("summary", {})
+        print(
+            f"queuejob run {args.run_id}: {s.get('expected')} items, {s.get('succeeded')} "
+            f"succeeded, {s.get('failed')} failed, {s.get('dead_lettered')} dead-lettered, "
+            f"{s.get('left')} left; ledger {report.get('ledger')}",
+            file=sys.stderr,
+        )
+        write_jsonl(out, rows)
+        return
+    print_summary(report)
+    print()
+    print("  ".join(name.ljust(width) for name, width in LEDGER_COLUMNS).rstrip())
+    shown = 0
+    for row in rows:
+        line = "  ".join(_cell(row.get(n), w).ljust(w) for n, w in LEDGER_COLUMNS)
+        out.write(line.rstrip() + "\n")
+        shown += 1
+    which = ", ".join(sorted(fates)) if fates else "all fates"
+    print(f"({shown} rows, {which})")

@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 FATE_CHOICES = ("succeeded", "failed", "dead_lettered", "left")
@@ -45,34 +46,50 @@ def add_results_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_results(args: argparse.Namespace) -> int:
-    """Print the rows; exit 2 (one line on stderr) when the run has no stored ledger."""
+def print_stored(body: Callable[[], None]) -> int:
+    """Run ``body``, which prints what a finished run stored: exit 2 (one line on stderr) on a
+    queuejob error (the run has no stored ledger, the storage cannot be read), 0 otherwise, a
+    reader that stops early (``queuejob results ... | head``) included."""
     from queuejob.flows.core.errors import QueueJobError
-    from queuejob.flows.results import RESULT_FIELDS, read_results
 
-    out = sys.stdout
     try:
-        rows = read_results(
-            args.run_id,
-            fates=args.fate,
-            follow_reruns=args.follow_reruns,
-            ledger_storage=args.ledger_storage,
-            decode_bytes=False,  # the stored form: base64 stays marked
-        )
-        fields = [*RESULT_FIELDS, "run_id"] if args.follow_reruns else list(RESULT_FIELDS)
-        if args.format == "csv":
-            _write_csv(out, fields, rows)
-        else:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        out.flush()
+        body()
     except QueueJobError as exc:
         print(f"queuejob: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `queuejob results ... | head`
+    except BrokenPipeError:
         sys.stderr.close()
-        return 0
     return 0
+
+
+def write_jsonl(out: Any, rows: Iterable[dict[str, Any]]) -> None:
+    """The rows as JSON Lines, as they come."""
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Print the rows; exit 2 (one line on stderr) when the run has no stored ledger."""
+    return print_stored(lambda: _print_results(args))
+
+
+def _print_results(args: argparse.Namespace) -> None:
+    from queuejob.flows.results import RESULT_FIELDS, read_results
+
+    out = sys.stdout
+    rows = read_results(
+        args.run_id,
+        fates=args.fate,
+        follow_reruns=args.follow_reruns,
+        ledger_storage=args.ledger_storage,
+        decode_bytes=False,  # the stored form: base64 stays marked
+    )
+    fields = [*RESULT_FIELDS, "run_id"] if args.follow_reruns else list(RESULT_FIELDS)
+    if args.format == "csv":
+        _write_csv(out, fields, rows)
+    else:
+        write_jsonl(out, rows)
+    out.flush()
 
 
 def _write_csv(out: Any, fields: list[str], rows: Any) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -114,3 +115,23 @@ def run_worker(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+@contextlib.contextmanager
+def started_worker(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """`python -m queuejob.flows.worker ARGS` started (stderr piped, stdout discarded), and
+    killed on the way out if it has not exited by then."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "queuejob.flows.worker", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

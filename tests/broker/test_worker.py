@@ -33,6 +33,7 @@ from .support import (
     collect_records,
     ready_count,
     run_worker,
+    started_worker,
     wait_until,
     worker_env,
 )
@@ -187,24 +188,12 @@ def test_sigterm_mid_item_leaves_it_for_redelivery(
     mark = tmp_path / "child.pid"
     env = worker_env(broker_url, qs.name, run_id, "pod-t", MARK=str(mark))
     slow = ["sh", "-c", 'echo $$ > "$MARK.tmp"; mv "$MARK.tmp" "$MARK"; exec sleep 60']
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "queuejob.flows.worker", "--grace", "3", *IDLE, "--", *slow],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with started_worker(["--grace", "3", *IDLE, "--", *slow], env) as proc:
         wait_until(mark.exists, timeout=15, what="the command to start")
         child = int(mark.read_text())
         assert queue_depths(cfg, qs)["work"].ready == 0  # the item is in flight
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == EXIT_SIGTERM, err
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     wait_until(lambda: ready_count(broker_url, qs.name) == 1, what="the item to be requeued")

@@ -5,8 +5,6 @@ connection."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from queuejob.flows.core.ledger import SUCCEEDED
 from queuejob.flows.worker import EXIT_BROKER, EXIT_OK
 
 from .proxy import TcpProxy
-from .support import ROOT, collect_records, wait_until, worker_env
+from .support import collect_records, started_worker, wait_until, worker_env
 
 pytestmark = pytest.mark.broker
 
@@ -48,17 +46,6 @@ def _done(path: Path) -> Counter[str]:
     return Counter(path.read_text().split()) if path.exists() else Counter()
 
 
-def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "queuejob.flows.worker", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_a_fine_worker_reconnects_and_loses_nothing(
     cfg: BrokerConfig,
     qs: QueueSettings,
@@ -76,15 +63,12 @@ def test_a_fine_worker_reconnects_and_loses_nothing(
         _through(proxy, broker_url), qs.name, run_id, "pod-r", DONE=str(done), ITEM_SLEEP="0.01"
     )
     call = ["--call", "tests.broker.worker_calls:record_done"]
-    proc = _start(["--mode", "fine", "--idle-timeout", "2", "--prefetch", "20", *call], env)
-    try:
+    with started_worker(
+        ["--mode", "fine", "--idle-timeout", "2", "--prefetch", "20", *call], env
+    ) as proc:
         wait_until(lambda: sum(_done(done).values()) >= 60, timeout=30, what="work under way")
         assert proxy.cut() >= 1  # the node behind the balancer is gone, for a moment
         _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == EXIT_OK, err
     assert "lost the connection to the broker" in err and "connected again" in err, err
     work = _done(done)
@@ -117,15 +101,10 @@ def test_a_coarse_worker_that_lost_its_items_message_records_it_and_exits_3(
     started = tmp_path / "started"
     env = worker_env(_through(proxy, broker_url), qs.name, run_id, "pod-c")
     cmd = ["sh", "-c", f"touch {started}; sleep 1.5; cat >/dev/null"]
-    proc = _start(["--idle-timeout", "5", "--", *cmd], env)
-    try:
+    with started_worker(["--idle-timeout", "5", "--", *cmd], env) as proc:
         wait_until(started.exists, timeout=20, what="the item to start")
         proxy.cut()
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == EXIT_BROKER, err
     assert "went back to the queue with the lost connection" in err, err
     # The attempt is on record, and the item is back in the queue for another pod.
@@ -144,16 +123,11 @@ def test_without_a_reconnect_window_a_lost_connection_exits_3(
 ) -> None:
     declare_queues(cfg, qs)
     env = worker_env(_through(proxy, broker_url), qs.name, run_id, "pod-z")
-    proc = _start(["--mode", "fine", "--idle-timeout", "30", "--reconnect-timeout", "0",
-                   "--", "cat"], env)  # fmt: skip
-    try:
+    args = ["--mode", "fine", "--idle-timeout", "30", "--reconnect-timeout", "0", "--", "cat"]
+    with started_worker(args, env) as proc:
         wait_until(lambda: proxy.connections() >= 1, timeout=20, what="the worker to connect")
         wait_until(lambda: queue_depths(cfg, qs)["work"].consumers == 1, what="its consumer")
         proxy.cut()
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == EXIT_BROKER, err
     assert "lost the connection to the broker" in err

@@ -4,8 +4,6 @@ message acked only after its record is confirmed. Real workers against the real 
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +23,14 @@ from queuejob.flows.core.items import ItemSource, iter_items
 from queuejob.flows.core.ledger import FAILED, INTERRUPTED, SUCCEEDED, Ledger
 from queuejob.flows.worker import EXIT_BROKER, EXIT_ITEM_FAILED, EXIT_SIGTERM
 
-from .support import ROOT, collect_records, ready_count, run_worker, wait_until, worker_env
+from .support import (
+    collect_records,
+    ready_count,
+    run_worker,
+    started_worker,
+    wait_until,
+    worker_env,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -48,25 +53,13 @@ def test_sigterm_mid_window_returns_every_unacked_message_and_loses_none(
     mark = tmp_path / "slow.started"
     env = worker_env(broker_url, qs.name, run_id, "pod-w", MARK=str(mark))
     call = ["--call", "tests.broker.worker_calls:slow_item"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "queuejob.flows.worker", *FINE, "--prefetch", "10", *call],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with started_worker([*FINE, "--prefetch", "10", *call], env) as proc:
         wait_until(mark.exists, timeout=15, what="the slow item to start")
         # The 5 items before it are acked and the window is full again: the slow item and the
         # 9 after it are held unacked, 15 wait in the queue.
         wait_until(lambda: ready_count(broker_url, qs.name) == 15, what="a full window")
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == EXIT_SIGTERM, err
     assert "9 more message(s) held unstarted" in err
     wait_until(lambda: ready_count(broker_url, qs.name) == 25, what="the window to go back")

@@ -5,7 +5,6 @@ Each case may kill, stop and restart nodes; ``cluster`` starts again any node a 
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 from tests.cluster.rabbit_cluster import RabbitCluster
 from tests.cluster.work import files
 from tests.reliability import support
-from tests.reliability.private_broker import find_server
 from tests.reliability.support import BROKER_PASSWORD, BROKER_USER
 
 
@@ -29,11 +27,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
     """Three clustered nodes of the installed rabbitmq-server, for the whole session."""
-    if find_server() is None:
-        message = "rabbitmq-server is not installed: the cluster tier needs three nodes of it"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+    support.require_rabbitmq_server("the cluster tier needs three nodes of it")
     cluster = RabbitCluster(
         tmp_path_factory.mktemp("rabbit-cluster"), user=BROKER_USER, password=BROKER_PASSWORD
     )

@@ -9,15 +9,18 @@ One control plane and one kubelet stand-in serve the whole session.
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from queuejob.flows.adapters.kube import KubeBackend
 from tests.e2e.conftest import prefect_server
 from tests.images import PullFailure
 from tests.realkube import cluster
-from tests.realkube.kubelet import Kubelet
+from tests.realkube.helpers import NS, watch_threads
+from tests.realkube.kubelet import Api, Kubelet
 
 # A real `prefect server` (tests/e2e's), for the README's kubernetes work pool path.
 __all__ = ["prefect_server"]
@@ -136,3 +139,31 @@ def _kubelet_stays_healthy(kubelet: Kubelet) -> Iterator[None]:
     yield
     new = kubelet.errors[before:]
     assert not new, f"the kubelet stand-in met unexpected errors: {new}"
+
+
+@pytest.fixture
+def admin(control_plane: cluster.ControlPlane) -> Api:
+    """The API as the cluster's administrator."""
+    return control_plane.api()
+
+
+@pytest.fixture
+def backend(control_plane: cluster.ControlPlane, kubelet: Kubelet) -> Iterator[KubeBackend]:
+    """The backend configured from an admin kubeconfig, with short timeouts."""
+    kb = KubeBackend.from_config(
+        kubeconfig=str(control_plane.admin_kubeconfig),
+        request_timeout_s=10,
+        watch_timeout_s=10,
+        retries=3,
+        retry_base_s=0.1,
+    )
+    yield kb
+    assert not watch_threads(), "a wait left its watch thread running"
+
+
+@pytest.fixture
+def rid(backend: KubeBackend) -> Iterator[str]:
+    """A run id whose objects are removed after the test, whatever it did."""
+    run_id = f"run-{uuid.uuid4().hex[:12]}"
+    yield run_id
+    backend.delete_run(namespace=NS, run_id=run_id)

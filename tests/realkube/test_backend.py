@@ -10,7 +10,6 @@ FailureTarget conditions, no ``status.ready``, pods labelled only ``job-name`` a
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,7 +18,6 @@ from queuejob.flows.core.backend import JobHandle
 from queuejob.flows.core.errors import JobConflict, JobTimeout, KubeInvalid, KubeNotFound
 from queuejob.flows.core.job_status import JobPhase, JobState
 from queuejob.flows.core.manifest import ITEMS_ANNOTATION, RUN_ID_LABEL, run_labels, secret_name
-from tests.realkube.cluster import ControlPlane
 from tests.realkube.helpers import (
     BROKER_URL,
     NS,
@@ -33,33 +31,6 @@ from tests.realkube.helpers import (
     watch_threads,
 )
 from tests.realkube.kubelet import Api, Kubelet
-
-
-@pytest.fixture
-def admin(control_plane: ControlPlane) -> Api:
-    return control_plane.api()
-
-
-@pytest.fixture
-def backend(control_plane: ControlPlane, kubelet: Kubelet) -> Iterator[KubeBackend]:
-    """The backend configured from an admin kubeconfig, with short timeouts."""
-    kb = KubeBackend.from_config(
-        kubeconfig=str(control_plane.admin_kubeconfig),
-        request_timeout_s=10,
-        watch_timeout_s=10,
-        retries=3,
-        retry_base_s=0.1,
-    )
-    yield kb
-    assert not watch_threads(), "a wait left its watch thread running"
-
-
-@pytest.fixture
-def rid(backend: KubeBackend) -> Iterator[str]:
-    """A run id whose objects are removed after the test, whatever it did."""
-    run_id = f"run-{uuid.uuid4().hex[:12]}"
-    yield run_id
-    backend.delete_run(namespace=NS, run_id=run_id)
 
 
 def test_the_cluster_is_kubernetes_1_20_with_a_ready_node(admin: Api, kubelet: Kubelet) -> None:

@@ -6,42 +6,14 @@ the pod conditions it does not own."""
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from queuejob.flows.adapters.kube import KubeBackend
 from queuejob.flows.core.job_status import JobPhase
-from tests.realkube.cluster import ControlPlane
-from tests.realkube.helpers import NS, get, job_path, make_run, pods_of, wait_for, watch_threads
-from tests.realkube.kubelet import Api, Kubelet
-
-
-@pytest.fixture
-def admin(control_plane: ControlPlane) -> Api:
-    return control_plane.api()
-
-
-@pytest.fixture
-def backend(control_plane: ControlPlane, kubelet: Kubelet) -> Iterator[KubeBackend]:
-    kb = KubeBackend.from_config(
-        kubeconfig=str(control_plane.admin_kubeconfig),
-        request_timeout_s=10,
-        watch_timeout_s=10,
-        retries=3,
-        retry_base_s=0.1,
-    )
-    yield kb
-    assert not watch_threads(), "a wait left its watch thread running"
-
-
-@pytest.fixture
-def rid(backend: KubeBackend) -> Iterator[str]:
-    run_id = f"run-{uuid.uuid4().hex[:12]}"
-    yield run_id
-    backend.delete_run(namespace=NS, run_id=run_id)
+from tests.realkube.helpers import NS, get, job_path, make_run, pods_of, wait_for
+from tests.realkube.kubelet import Api
 
 
 def test_a_1_20_server_gets_a_job_without_the_failure_fields(

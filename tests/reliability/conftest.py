@@ -25,7 +25,7 @@ import pytest
 
 from tests.fakekube.pytest_plugin import fake_kube, fake_kubeconfig
 from tests.reliability import support
-from tests.reliability.private_broker import PrivateBroker, find_server
+from tests.reliability.private_broker import PrivateBroker
 from tests.reliability.support import (
     BROKER_PASSWORD,
     BROKER_USER,
@@ -52,11 +52,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
     """A private RabbitMQ node (recognisable password) shared by the whole suite."""
-    if find_server() is None:
-        message = "rabbitmq-server is not installed: the reliability suite needs a private broker"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+    support.require_rabbitmq_server("the reliability suite needs a private broker")
     broker = PrivateBroker(
         tmp_path_factory.mktemp("rabbitmq"), user=BROKER_USER, password=BROKER_PASSWORD
     )

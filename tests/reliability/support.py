@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import urllib.parse
 from collections import Counter
@@ -20,8 +21,10 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
+import pytest
 
 from tests.broker.support import drain_messages, wait_until
+from tests.reliability.private_broker import find_server
 
 # The broker user of every run in this suite: a password that is easy to find if it leaks.
 BROKER_USER = "queuejob-rel"
@@ -32,6 +35,16 @@ DOCS_ITEMS = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "mel
 
 # Poll a condition with a deadline: the broker tests' helper, under the name this suite uses.
 wait_for = wait_until
+
+
+def require_rabbitmq_server(needs: str) -> None:
+    """Skip the caller's tests when rabbitmq-server is not installed (fail them in CI), saying
+    what ``needs`` it."""
+    if find_server() is None:
+        message = f"rabbitmq-server is not installed: {needs}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def queue_exists(url: str, name: str) -> bool:

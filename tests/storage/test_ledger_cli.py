@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from queuejob.flows.cli import main
 from queuejob.flows.storage import open_storage
+from tests.storage.peak_rss import cli_peak_rss_kb
 
 RUN = "0f0e0d0c-0000-4000-8000-000000000001"
 FATES = ["succeeded", "failed", "dead_lettered", "left_in_queue"]
@@ -88,28 +86,16 @@ def test_an_unknown_run_is_named(capsys: pytest.CaptureFixture[str], ledger_dir:
     assert "no ledger for run no-such-run at" in err and str(ledger_dir) in err
 
 
-def _peak_rss_kb(run_id: str, ledger_dir: Path) -> int:
-    code = (
-        "import resource, sys\n"
-        "from queuejob.flows.cli import main\n"
-        f"rc = main(['ledger', {run_id!r}, '--format', 'jsonl'])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-        "sys.exit(rc)\n"
-    )
-    env = {**os.environ, "QUEUEJOB_LEDGER_DIR": str(ledger_dir)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, check=True, timeout=300,
-    )  # fmt: skip
-    return int(proc.stderr.strip().splitlines()[-1])
-
-
 def test_a_large_ledger_prints_in_bounded_memory(ledger_dir: Path) -> None:
     small, large = "run-small", "run-large"
     _store(small, _rows(10))
     _store(large, _rows(300_000))  # about 50 MB of rows: held in memory, it would show
     assert (ledger_dir / large / "ledger.jsonl").stat().st_size > 40_000_000
-    grown_kb = _peak_rss_kb(large, ledger_dir) - _peak_rss_kb(small, ledger_dir)
+    large_kb, small_kb = (
+        cli_peak_rss_kb(["ledger", run_id, "--format", "jsonl"], ledger_dir)
+        for run_id in (large, small)
+    )
+    grown_kb = large_kb - small_kb
     assert grown_kb < 10_000, f"peak RSS grew {grown_kb} KB printing 300,000 rows"
 
 

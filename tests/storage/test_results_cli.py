@@ -7,9 +7,6 @@ import base64
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from queuejob.flows.cli import main
 from queuejob.flows.core.errors import InvalidInput, LedgerNotFound
 from queuejob.flows.results import record_rerun
 from queuejob.flows.storage import open_storage
+from tests.storage.peak_rss import cli_peak_rss_kb
 
 RUN = "0f0e0d0c-0000-4000-8000-00000000000a"
 RAW = b"\xff\xfe binary \x00"
@@ -161,22 +159,6 @@ def test_follow_reruns_gives_each_item_the_latest_run_that_reached_it(
     assert len(followed) == 6 and followed[5]["run_id"] == third
 
 
-def _peak_rss_kb(args: list[str], ledger_dir: Path) -> int:
-    code = (
-        "import resource, sys\n"
-        "from queuejob.flows.cli import main\n"
-        f"rc = main({args!r})\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-        "sys.exit(rc)\n"
-    )
-    env = {**os.environ, "QUEUEJOB_LEDGER_DIR": str(ledger_dir)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, check=True, timeout=300,
-    )  # fmt: skip
-    return int(proc.stderr.strip().splitlines()[-1])
-
-
 def test_a_large_run_and_its_rerun_print_in_flat_memory(ledger_dir: Path) -> None:
     n = 200_000
     pad = "r" * 100  # 100-byte results
@@ -188,8 +170,8 @@ def test_a_large_run_and_its_rerun_print_in_flat_memory(ledger_dir: Path) -> Non
                    for k in range(n // 2)), rerun_of=large)  # fmt: skip
     record_rerun(earlier_run_id=large, earlier_storage=None, rerun_id=rerun, ledger_storage=None)
     assert (ledger_dir / large / "ledger.jsonl").stat().st_size > 40_000_000
-    base = _peak_rss_kb(["results", small, "--follow-reruns"], ledger_dir)
-    grown_kb = _peak_rss_kb(["results", large, "--follow-reruns"], ledger_dir) - base
+    base = cli_peak_rss_kb(["results", small, "--follow-reruns"], ledger_dir)
+    grown_kb = cli_peak_rss_kb(["results", large, "--follow-reruns"], ledger_dir) - base
     assert grown_kb < 10_000, f"peak RSS grew {grown_kb} KB printing {n:,} merged results"
     merged = queuejob.read_results(large, follow_reruns=True)
     last = None

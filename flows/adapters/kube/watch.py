@@ -139,8 +139,20 @@ class _Watch(threading.Thread):
         raise NotImplementedError
 
     def _open(self, timeout: int, read_timeout: float) -> Any:
-        """Open one watch request (``_preload_content=False``)."""
+        """Open one watch request: the resource's list call with ``watch=True`` and
+        `_watch_options`."""
         raise NotImplementedError
+
+    def _watch_options(self, timeout: int, read_timeout: float) -> dict[str, Any]:
+        """The options every watch request takes besides its selector and ``watch=True``:
+        resumed from the last resourceVersion, with bookmarks, streamed, timed out."""
+        return {
+            "resource_version": self._rv,
+            "allow_watch_bookmarks": True,
+            "timeout_seconds": timeout,
+            "_preload_content": False,
+            "_request_timeout": (self._backend.request_timeout_s, read_timeout),
+        }
 
     def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
         """One ADDED/MODIFIED/DELETED event; False when the watch is over."""
@@ -287,16 +299,11 @@ class JobWatch(_Watch):
         return True
 
     def _open(self, timeout: int, read_timeout: float) -> Any:
-        backend, h = self._backend, self._handle
-        return backend._batch.list_namespaced_job(
-            h.namespace,
-            field_selector=f"metadata.name={h.name}",
-            resource_version=self._rv,
-            allow_watch_bookmarks=True,
-            timeout_seconds=timeout,
+        return self._backend._batch.list_namespaced_job(
+            self._handle.namespace,
+            field_selector=f"metadata.name={self._handle.name}",
             watch=True,
-            _preload_content=False,
-            _request_timeout=(backend.request_timeout_s, read_timeout),
+            **self._watch_options(timeout, read_timeout),
         )
 
     def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
@@ -334,16 +341,11 @@ class PodWatch(_Watch):
         return True
 
     def _open(self, timeout: int, read_timeout: float) -> Any:
-        backend, h = self._backend, self._handle
-        return backend._core.list_namespaced_pod(
-            h.namespace,
+        return self._backend._core.list_namespaced_pod(
+            self._handle.namespace,
             label_selector=self._selector(),
-            resource_version=self._rv,
-            allow_watch_bookmarks=True,
-            timeout_seconds=timeout,
             watch=True,
-            _preload_content=False,
-            _request_timeout=(backend.request_timeout_s, read_timeout),
+            **self._watch_options(timeout, read_timeout),
         )
 
     def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
@@ -388,16 +390,11 @@ class EventWatch(_Watch):
         return True
 
     def _open(self, timeout: int, read_timeout: float) -> Any:
-        backend, h = self._backend, self._handle
-        return backend._core.list_namespaced_event(
-            h.namespace,
+        return self._backend._core.list_namespaced_event(
+            self._handle.namespace,
             field_selector=self.field_selector,
-            resource_version=self._rv,
-            allow_watch_bookmarks=True,
-            timeout_seconds=timeout,
             watch=True,
-            _preload_content=False,
-            _request_timeout=(backend.request_timeout_s, read_timeout),
+            **self._watch_options(timeout, read_timeout),
         )
 
     def _on_object(self, kind: str, obj: dict[str, Any]) -> bool:
