@@ -67,6 +67,9 @@ class TcpProxy:
     def close(self) -> None:
         """Stop listening and cut everything."""
         self._closed = True
+        # Closing a socket does not wake a thread blocked in its accept(); shutting it down does.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._listener.close()
         self.cut()
